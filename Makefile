@@ -1,0 +1,38 @@
+# `make demo` and `make test` work on a fresh clone: each creates .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_WORKSPACE ?= .lethe/demo
+# Three real subjects of the training split of RAND HIE (zper values).
+DEMO_SUBJECTS ?= 125133 127958 328335
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_CONFIGURE_LOGGING ?= false
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+# Torch first, pinned: 2.13.0 resolves to the local CPU wheel, while an unpinned
+# requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	rm -rf $(DEMO_WORKSPACE)
+	$(BIN)/lethe init --workspace $(DEMO_WORKSPACE)
+	$(BIN)/lethe request add --workspace $(DEMO_WORKSPACE) $(DEMO_SUBJECTS)
+	$(BIN)/lethe run --workspace $(DEMO_WORKSPACE)
+	$(BIN)/lethe lineage --workspace $(DEMO_WORKSPACE)
+	@echo
+	@echo "Open the MLflow UI on this workspace:"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_WORKSPACE))/state/mlflow.db --host 127.0.0.1 --port 5000"
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(DEMO_WORKSPACE)

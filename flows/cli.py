@@ -1,0 +1,194 @@
+"""The `lethe` command line: thin wrappers that parse, call one function, and map errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.errors import LetheError
+from tasks.workspace import Workspace, resolve_workspace
+
+app = typer.Typer(help="Lethe: erase data subjects from training data, its lineage and the models trained on it.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+request_app = typer.Typer(help="Manage deletion requests.", no_args_is_help=True)
+app.add_typer(request_app, name="request")
+console = Console()
+err = Console(stderr=True)
+
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help="Workspace directory (default: LETHE_WORKSPACE, else ~/.local/share/lethe/workspace)."),
+]
+
+
+def configure_environment(ws: Workspace) -> None:
+    """Set Prefect and MLflow defaults before either is imported.
+
+    Without a Prefect server (PREFECT_API_URL unset), the ephemeral API keeps its
+    database in the workspace, so one workspace's history stays in one place.
+    """
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
+        os.environ["PREFECT_HOME"] = str(ws.prefect_home)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lethe")
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # Bootstrap and CLI code log outside flow runs; those records go to the console and the log file only.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+def setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
+    logger = logging.getLogger("lethe")
+    logger.handlers = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def fail(exc: LetheError) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(exc.exit_code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False) -> None:
+    setup_logging(verbose)
+
+
+@app.command()
+def init(workspace: WorkspaceOption = None) -> None:
+    """Create a workspace: git + DVC data, ledger, queue, and the baseline model as version 1."""
+    from tasks.bootstrap import bootstrap
+
+    ws = resolve_workspace(workspace)
+    configure_environment(ws)
+    started = time.perf_counter()
+    try:
+        with console.status("Materializing data, training and registering the baseline..."):
+            result = bootstrap(ws)
+    except LetheError as exc:
+        fail(exc)
+    console.print(f"Workspace [bold]{ws.root}[/] ready in {time.perf_counter() - started:.1f} s")
+    console.print(f"  data version {result.data_md5} ({result.rows} rows), git {result.git_rev[:12]}")
+    console.print(f"  model version {result.model_version} (champion): test accuracy {result.metrics['test_accuracy']:.4f}")
+
+
+@request_app.command("add")
+def request_add(
+    subject_ids: Annotated[list[str] | None, typer.Argument(help="Subject ids to erase.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="JSON Lines file of requests (request_id, subject_id, received_at, source).")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Enqueue deletion requests; invalid lines are quarantined with their reason."""
+    import json
+
+    from tasks.queue import LocalQueue
+    from tasks.requests import new_request
+
+    ws = resolve_workspace(workspace)
+    try:
+        ws.require()
+        if not subject_ids and file is None:
+            raise LetheError("Give subject ids or --file requests.jsonl.")
+        lines = [json.dumps(new_request(sid)) for sid in subject_ids or []]
+        if file is not None:
+            if not file.is_file():
+                raise LetheError(f"Request file {file} not found.")
+            from tasks.requests import decode_file
+
+            lines += decode_file(file.read_bytes())
+        path, quarantined, accepted = LocalQueue(ws).enqueue_lines(lines)
+    except LetheError as exc:
+        fail(exc)
+    for record in quarantined:
+        err.print(f"[yellow]quarantined[/] line {record.line_number}: {record.reason}")
+    console.print(f"Enqueued {accepted} request(s)" + (f" in {path.relative_to(ws.root)}" if path else "")
+                  + (f"; {len(quarantined)} quarantined in {ws.quarantine_dir.relative_to(ws.root)}/" if quarantined else ""))
+
+
+@app.command()
+def run(
+    workspace: WorkspaceOption = None,
+    method: Annotated[str | None, typer.Option(help="Unlearning method tried first (default: the workspace setting).")] = None,
+) -> None:
+    """Run the nightly deletion flow once, now."""
+    ws = resolve_workspace(workspace)
+    configure_environment(ws)
+    try:
+        ws.require()
+    except LetheError as exc:
+        fail(exc)
+    from flows.nightly import nightly_deletion_run
+
+    started = time.perf_counter()
+    try:
+        summary = nightly_deletion_run(workspace=str(ws.root), method=method)
+    except LetheError as exc:
+        fail(exc)
+    elapsed = time.perf_counter() - started
+    if summary["status"] == "empty":
+        console.print(f"No pending requests; nothing changed ({elapsed:.1f} s).")
+        return
+    if summary["status"] == "no_data_held":
+        console.print(f"Batch {summary['batch_id']}: no requested subject held data; {summary['request_count']} request(s) closed.")
+        return
+    console.print(
+        f"Batch [bold]{summary['batch_id']}[/]: {summary['request_count']} request(s), "
+        f"{summary['rows_removed']} rows removed, model version {summary['model_version_before']} -> "
+        f"{summary['model_version_after']} via {summary['method']} in {elapsed:.1f} s"
+    )
+    table = Table("stage", "seconds", title="Stage times")
+    for stage, seconds in summary["stage_seconds"].items():
+        table.add_row(stage, f"{seconds:.2f}")
+    console.print(table)
+
+
+@app.command()
+def lineage(
+    workspace: WorkspaceOption = None,
+    model: Annotated[str | None, typer.Option("--model", help="Registered model name (default: the workspace setting).")] = None,
+) -> None:
+    """Print the chain of model versions from the champion back to version 1."""
+    from tasks import registry
+    from tasks.settings import WorkspaceSettings
+
+    ws = resolve_workspace(workspace)
+    configure_environment(ws)
+    try:
+        ws.require()
+        name = model or WorkspaceSettings.load(ws.root).model_name
+        chain = registry.lineage(ws, name)
+    except LetheError as exc:
+        fail(exc)
+    if not chain:
+        fail(LetheError(f"Model {name} has no champion in {ws.mlflow_uri}."))
+    table = Table(title=f"Lineage of {name}")
+    for header in ("version", "parent", "method", "batch", "requests", "data rev", "test acc", "retain acc", "created (UTC)"):
+        # Fold instead of truncating, so a narrow terminal or a pipe never loses an id.
+        table.add_column(header, overflow="fold")
+    for i, entry in enumerate(chain):
+        parent = chain[i + 1]["version"] if i + 1 < len(chain) else "-"
+        created = datetime.fromtimestamp(entry["created_at_ms"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(entry["version"], parent, entry["method"], entry["batch_id"] or "-", entry["request_count"],
+                      entry["data_rev"][:10], _pct(entry["test_accuracy"]), _pct(entry["retain_accuracy"]), created)
+    console.print(table)
+    console.print(f"Inspect in the MLflow UI: mlflow ui --backend-store-uri {ws.mlflow_uri} --port 5000")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+if __name__ == "__main__":
+    sys.exit(app())

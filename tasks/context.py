@@ -1,0 +1,58 @@
+"""What every stage of a run needs: workspace, settings, ledger, hasher and device."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tasks import versioning
+from tasks.hashing import SubjectHasher, load_hasher
+from tasks.ledger import Batch, BatchState, DeletionRequest, Ledger, RequestState, utcnow
+from tasks.settings import EnvironmentSettings, GateSettings, WorkspaceSettings
+from tasks.workspace import Workspace, resolve_workspace
+
+log = logging.getLogger("lethe.context")
+
+
+@dataclass
+class RunContext:
+    ws: Workspace
+    settings: WorkspaceSettings
+    ledger: Ledger
+    hasher: SubjectHasher
+
+
+def open_context(workspace: str | None, gates: GateSettings | None = None) -> RunContext:
+    """Load the workspace; flow parameters override the stored gate thresholds for this run only."""
+    ws = resolve_workspace(workspace).require()
+    settings = WorkspaceSettings.load(ws.root)
+    if gates is not None:
+        settings = settings.model_copy(update={"gates": gates})
+    hasher = load_hasher(EnvironmentSettings().hmac_key, ws.hmac_key_file)
+    return RunContext(ws, settings, Ledger(ws.ledger_url), hasher)
+
+
+def roll_back_batch(ctx: RunContext, batch_id: str, error: BaseException | str) -> None:
+    """Restore the committed data version and return the batch's requests to pending."""
+    if versioning.has_uncommitted_data(ctx.ws):
+        versioning.rollback_data(ctx.ws)
+    with ctx.ledger.session() as s:
+        batch = s.get(Batch, batch_id)
+        batch.state = BatchState.ROLLED_BACK
+        batch.finished_at = utcnow()
+        batch.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"[:2000]
+        for request in s.query(DeletionRequest).filter(DeletionRequest.batch_id == batch_id):
+            request.state = RequestState.PENDING
+            request.batch_id = None
+    log.warning("Rolled back batch %s; its requests are pending again", batch_id)
+
+
+def recover_interrupted(ctx: RunContext) -> list[str]:
+    """Roll back batches that a killed process left open before commit."""
+    # NOTE: a batch killed after commit (committed, registered or retired) is not resumed yet;
+    # its requests stay in_batch and its queue files stay in incoming/.
+    recovered = []
+    for batch in ctx.ledger.open_batches():
+        roll_back_batch(ctx, batch.batch_id, "interrupted before commit; rolled back by the next run")
+        recovered.append(batch.batch_id)
+    return recovered

@@ -1,0 +1,111 @@
+"""The embedded deletion queue: a directory of JSON Lines files.
+
+    queue/incoming/    files waiting for a run
+    queue/quarantine/  invalid lines with their reason (nothing is dropped)
+    queue/done/        acknowledged files, with subject ids replaced by their keyed hash
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tasks.hashing import SubjectHasher
+from tasks.requests import QuarantinedLine, RequestLine, decode_file, parse_lines
+from tasks.workspace import Workspace
+
+log = logging.getLogger("lethe.queue")
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    request: RequestLine
+    source_ref: str
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    source_ref: str
+    line_number: int
+    reason: str
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+    os.replace(tmp, path)
+
+
+def _new_name() -> str:
+    return f"requests-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
+
+
+class LocalQueue:
+    """Deletion requests in a workspace's queue directory."""
+
+    name = "local"
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+
+    def _quarantine(self, source_ref: str, lines: list[QuarantinedLine]) -> list[QuarantineRecord]:
+        """Append invalid lines with their reasons to quarantine/<source_ref>."""
+        if not lines:
+            return []
+        self.ws.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        path = self.ws.quarantine_dir / source_ref
+        with path.open("a", encoding="utf-8", errors="surrogateescape") as out:
+            for item in lines:
+                out.write(json.dumps({"line": item.line_number, "reason": item.reason, "raw": item.raw}) + "\n")
+        for item in lines:
+            log.warning("Quarantined line %d of %s: %s", item.line_number, source_ref, item.reason)
+        return [QuarantineRecord(source_ref, item.line_number, item.reason) for item in lines]
+
+    def enqueue_lines(self, lines: list[str]) -> tuple[Path | None, list[QuarantineRecord], int]:
+        """Validate lines, quarantine the invalid ones and write the valid ones as a new incoming file."""
+        valid, invalid = parse_lines(lines)
+        name = _new_name()
+        records = self._quarantine(name, invalid)
+        if not valid:
+            return None, records, 0
+        self.ws.incoming_dir.mkdir(parents=True, exist_ok=True)
+        path = self.ws.incoming_dir / name
+        _atomic_write(path, "".join(r.model_dump_json() + "\n" for r in valid))
+        return path, records, len(valid)
+
+    def read_pending(self) -> tuple[list[QueuedRequest], list[QuarantineRecord]]:
+        """Read every incoming file; invalid lines move to quarantine, the file keeps the valid ones."""
+        requests: list[QueuedRequest] = []
+        quarantined: list[QuarantineRecord] = []
+        for path in sorted(self.ws.incoming_dir.glob("*.jsonl")):
+            lines = decode_file(path.read_bytes())
+            valid, invalid = parse_lines(lines)
+            if invalid:
+                quarantined += self._quarantine(path.name, invalid)
+                _atomic_write(path, "".join(r.model_dump_json() + "\n" for r in valid))
+            requests += [QueuedRequest(r, path.name) for r in valid]
+        return requests, quarantined
+
+    def acknowledge(self, source_refs: set[str], hasher: SubjectHasher) -> int:
+        """Move processed files to done/, replacing each subject id with its keyed hash."""
+        self.ws.done_dir.mkdir(parents=True, exist_ok=True)
+        moved = 0
+        for ref in sorted(source_refs):
+            path = self.ws.incoming_dir / ref
+            if not path.exists():
+                continue  # acknowledged by an earlier, interrupted run
+            valid, _ = parse_lines(decode_file(path.read_bytes()))
+            redacted = []
+            for request in valid:
+                record = request.model_dump(mode="json")
+                record["subject_hash"] = hasher.hash(record.pop("subject_id"))
+                redacted.append(json.dumps(record) + "\n")
+            _atomic_write(self.ws.done_dir / ref, "".join(redacted))
+            path.unlink()
+            moved += 1
+        return moved

@@ -1,0 +1,127 @@
+"""The deletion-request schema and the parsing of JSON Lines into valid and quarantined requests.
+
+Quarantine reasons are built from field names and rule descriptions only, never from
+the offending value, so a reason can be logged and stored without leaking a subject id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Subject keys of the default dataset (`zper`) are positive integers; 18 digits keep
+# them inside int64.
+SUBJECT_ID_PATTERN = r"^[0-9]{1,18}$"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+MAX_LINE_BYTES = 4096
+# Clocks of request producers drift; a request stamped more than this far in the
+# future is a bug upstream, not a real receipt time.
+MAX_CLOCK_SKEW = timedelta(hours=1)
+
+
+class RequestLine(BaseModel):
+    """One deletion request as a producer writes it."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    subject_id: str = Field(pattern=SUBJECT_ID_PATTERN)
+    received_at: datetime
+    source: str = Field(min_length=1, max_length=64, pattern=r"^[\x20-\x7e]+$")
+
+    @field_validator("subject_id", mode="before")
+    @classmethod
+    def _integer_to_text(cls, value: object) -> object:
+        # JSON producers often write numeric ids as numbers; bool is an int in Python but never an id.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("subject_id")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        return str(int(value))
+
+    @field_validator("received_at")
+    @classmethod
+    def _aware_and_not_future(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("timestamp must carry a time zone, for example 2026-12-01T09:30:00Z")
+        value = value.astimezone(UTC)
+        if value > datetime.now(UTC) + MAX_CLOCK_SKEW:
+            raise ValueError("timestamp is in the future")
+        return value
+
+
+@dataclass(frozen=True)
+class QuarantinedLine:
+    line_number: int
+    reason: str
+    raw: str
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Summarise pydantic errors by field and rule, leaving the input values out."""
+    parts = []
+    for item in error.errors(include_input=False, include_url=False):
+        field = ".".join(str(p) for p in item["loc"]) or "line"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unexpected field (allowed: request_id, subject_id, received_at, source)"
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+def parse_line(text: str) -> RequestLine:
+    """Parse one JSON line; raise ValueError with a value-free reason."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("line is not valid UTF-8") from None
+    if size > MAX_LINE_BYTES:
+        raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
+    try:
+        return RequestLine.model_validate(payload)
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc)) from None
+
+
+def parse_lines(lines: Iterable[str]) -> tuple[list[RequestLine], list[QuarantinedLine]]:
+    """Split lines into valid requests and quarantined lines; blank lines are skipped."""
+    valid: list[RequestLine] = []
+    invalid: list[QuarantinedLine] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            valid.append(parse_line(line))
+        except ValueError as exc:
+            invalid.append(QuarantinedLine(number, str(exc), line.rstrip("\n")))
+    return valid, invalid
+
+
+def decode_file(data: bytes) -> list[str]:
+    """Decode a JSON Lines file as UTF-8; undecodable lines are kept for quarantine."""
+    return data.decode("utf-8", errors="surrogateescape").splitlines()
+
+
+def new_request(subject_id: str, source: str = "cli") -> dict:
+    """Build a request line for an id typed on the command line."""
+    import uuid
+
+    return {
+        "request_id": f"req-{uuid.uuid4().hex}",
+        "subject_id": subject_id,
+        "received_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": source,
+    }

@@ -1,0 +1,58 @@
+"""Retire lineage: delete the old data objects that held erased subjects and retire old model versions."""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import registry, versioning
+from tasks.ledger import Ledger, Tombstone
+from tasks.workspace import Workspace
+
+log = logging.getLogger("lethe.retire")
+
+
+def purge_objects(ws: Workspace, ledger: Ledger, batch_id: str, affected: dict[str, str]) -> list[dict]:
+    """Delete each affected shard object from the DVC cache and remotes and record a tombstone.
+
+    Objects still referenced by the current data version are kept: a shard whose
+    rewrite produced identical bytes would otherwise lose its only copy.
+    """
+    current = set(versioning.dir_listing(ws, versioning.data_md5(ws)).values())
+    tombstones = []
+    with ledger.session() as s:
+        for relpath, md5 in sorted(affected.items()):
+            if md5 in current:
+                log.warning("Retire: %s object %s is still in the current version; kept", relpath, md5)
+                continue
+            stores = versioning.delete_object(ws, md5)
+            s.add(Tombstone(batch_id=batch_id, object_md5=md5, relpath=relpath, stores=stores))
+            tombstones.append({"relpath": relpath, "md5": md5, "stores": stores})
+            log.info("Retire: deleted %s (%s) from %s", relpath, md5, ", ".join(stores) or "nowhere (already gone)")
+    return tombstones
+
+
+def retire_models(ws: Workspace, model_name: str, batch_id: str, new_version: str) -> list[str]:
+    """Tag every older version as trained on erased data; the champion alias already moved away."""
+    retired = []
+    for version in registry.all_versions(ws, model_name):
+        if int(version) >= int(new_version):
+            continue
+        tags = registry.version_tags(ws, model_name, version)
+        erased_by = ",".join(filter(None, [tags.get("erased_by_batches", ""), batch_id]))
+        registry.tag_version(ws, model_name, version, {
+            "contains_erased_data": "true", "retired": "true",
+            "erased_by_batches": erased_by, "superseded_by": new_version,
+        })
+        retired.append(version)
+    log.info("Retire: tagged versions %s of %s as containing erased data", retired, model_name)
+    return retired
+
+
+@task(name="retire", cache_policy=NO_CACHE, persist_result=False)
+def retire_task(ws: Workspace, ledger: Ledger, model_name: str, batch_id: str,
+                affected: dict[str, str], new_version: str) -> tuple[list[dict], list[str]]:
+    """Tombstone the old shard objects and retire the model versions trained on them."""
+    return purge_objects(ws, ledger, batch_id, affected), retire_models(ws, model_name, batch_id, new_version)

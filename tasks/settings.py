@@ -1,0 +1,91 @@
+"""Typed settings of a workspace: data layout, training recipe, unlearning and gates.
+
+The resolved settings live in `lethe.json` at the workspace root, committed next to
+`data.dvc`, so each data version records the recipe that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.errors import WorkspaceError
+
+SETTINGS_FILE = "lethe.json"
+
+
+class DataSettings(BaseModel):
+    """How the dataset is sharded and split."""
+
+    n_shards: int = Field(8, ge=1, le=256, description="Parquet shards, by a stable hash of the subject key.")
+    split_seed: int = Field(0, description="Seed of the by-subject train/val/test assignment.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of subjects held out for testing.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of subjects used for early stopping.")
+
+
+class TrainSettings(BaseModel):
+    """The production training recipe of the baseline, also used by exact retraining."""
+
+    hidden: tuple[int, ...] = Field((64, 32), description="Hidden layer widths of the MLP.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1, description="Epochs without a better validation loss before stopping.")
+    seed: int = Field(0, description="Seed of initialisation and batch order.")
+
+
+class UnlearnSettings(BaseModel):
+    """Which unlearning method runs first and what replaces it when a gate fails."""
+
+    method: str = Field("neggrad_plus", description="Approximate method tried first.")
+    fallback: str = Field("retrain", description="Exact method used when a gate fails.")
+    device: str = Field("auto", description="auto, cpu or cuda.")
+    method_settings: dict = Field(default_factory=dict, description="Overrides of the method's defaults.")
+
+
+class GateSettings(BaseModel):
+    """Thresholds a candidate model must meet before it is registered.
+
+    The z thresholds come from bench/gate_calibration.py: exact retrains (which have
+    forgotten by construction) stayed below them in every measured repetition.
+    """
+
+    max_retain_drop_pp: float = Field(1.0, description="Largest allowed drop of retain accuracy vs the champion, in percentage points.")
+    max_test_drop_pp: float = Field(1.0, description="Largest allowed drop of test accuracy vs the champion, in percentage points.")
+    max_accuracy_z: float = Field(3.0, description="Largest allowed z of forget-set accuracy above held-out accuracy of the same size.")
+    max_mia_z: float = Field(3.0, description="Largest allowed z of the loss-based membership-inference AUC above 0.5.")
+
+
+class WorkspaceSettings(BaseModel):
+    """Everything a run needs to know about one workspace."""
+
+    model_name: str = Field("lethe-randhie", description="Registered model name in MLflow.")
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
+    deadline_days: int = Field(30, ge=1, description="Days from receipt until a request must be completed.")
+
+    def save(self, root: Path) -> None:
+        (root / SETTINGS_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, root: Path) -> "WorkspaceSettings":
+        path = root / SETTINGS_FILE
+        if not path.exists():
+            raise WorkspaceError(f"{path} not found: {root} is not a Lethe workspace. Create one with `lethe init --workspace {root}`.")
+        return cls.model_validate(json.loads(path.read_text()))
+
+
+class EnvironmentSettings(BaseSettings):
+    """Settings read from the environment (prefix LETHE_)."""
+
+    model_config = SettingsConfigDict(env_prefix="LETHE_")
+
+    workspace: Path | None = Field(None, description="Default workspace when --workspace is not given.")
+    hmac_key: str | None = Field(None, description="Secret key of the subject-id HMAC; production must set it.")

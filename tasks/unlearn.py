@@ -1,0 +1,125 @@
+"""Unlearn: make the champion forget the batch's rows, escalating to exact retraining when a gate fails.
+
+Nothing is promoted that failed a forgetting gate: approximate candidates must pass
+every gate, and the exact fallback forgets by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.dataset import SPLIT
+from tasks.modeling import splits_of, to_split, utility_metrics
+from tasks.settings import WorkspaceSettings
+from tasks.validate import GateResult, forgetting_gates, gates_as_dict, utility_gates
+
+log = logging.getLogger("lethe.unlearn")
+
+EXACT_METHODS = {"retrain"}
+
+
+@dataclass
+class Attempt:
+    method: str
+    gates: list[GateResult]
+    metrics: dict[str, float]
+    wall_time_s: float
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "passed": self.passed, "wall_time_s": round(self.wall_time_s, 3),
+                "gates": gates_as_dict(self.gates), "metrics": self.metrics}
+
+
+@dataclass
+class Candidate:
+    model: object
+    method: str
+    reason: str
+    champion_metrics: dict[str, float]
+    metrics: dict[str, float]
+    gates: list[GateResult]
+    record: dict
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+def evaluate(model, splits, forget, device) -> tuple[dict[str, float], object | None]:
+    """Utility metrics, plus forgetting evidence against the test split when there is a forget set."""
+    from models.evaluation import forgetting_evidence
+
+    metrics = utility_metrics(model, splits, device)
+    if forget is None:
+        return metrics, None
+    evidence = forgetting_evidence(model, forget, splits["test"], device)
+    metrics.update({f"forget_{k}": float(v) for k, v in asdict(evidence).items()})
+    return metrics, evidence
+
+
+def run_method(name: str, champion, forget, splits, settings: WorkspaceSettings, device):
+    from models.unlearning import get_method
+
+    method_settings = settings.train.model_dump() if name in EXACT_METHODS else dict(settings.unlearn.method_settings)
+    return get_method(name)(champion, forget, splits["train"], splits["val"], method_settings, device)
+
+
+def unlearn(champion, new_data: pd.DataFrame, forget_rows: pd.DataFrame, settings: WorkspaceSettings,
+            device, method: str | None = None) -> Candidate:
+    """Try the configured method, gate it, and fall back to exact retraining on any failed gate."""
+    splits = splits_of(new_data)
+    trained_on = forget_rows[forget_rows[SPLIT] == "train"] if len(forget_rows) else forget_rows
+    forget = to_split(trained_on) if len(trained_on) else None
+    champion_metrics, _ = evaluate(champion, splits, forget, device)
+
+    first = method or settings.unlearn.method
+    plan = [first] if first in EXACT_METHODS else [first, settings.unlearn.fallback]
+    attempts: list[Attempt] = []
+    for name in plan:
+        if forget is None:
+            # Only held-out rows were erased: the champion never trained on them.
+            log.info("Unlearn: no training rows among the forget rows; the champion's weights carry over")
+            model, record, name = champion, {"method": "carry_over", "steps": 0}, "carry_over"
+            started = time.perf_counter()
+        else:
+            started = time.perf_counter()
+            log.info("Unlearn: running %s on %d forget rows, %d retain rows", name, len(forget), len(splits["train"]))
+            result = run_method(name, champion, forget, splits, settings, device)
+            model, record = result.model, asdict(result.record)
+        elapsed = time.perf_counter() - started
+
+        metrics, evidence = evaluate(model, splits, forget, device)
+        gates = utility_gates(champion_metrics, metrics, settings.gates)
+        if evidence is not None:
+            gates += forgetting_gates(evidence, settings.gates)
+        attempt = Attempt(name, gates, metrics, elapsed)
+        attempts.append(attempt)
+        for gate in gates:
+            log.info("Gate %s: %s", name, gate.describe())
+
+        exact = name in EXACT_METHODS or name == "carry_over"
+        if attempt.passed or exact:
+            if exact and not attempt.passed:
+                log.warning("Exact method %s missed a utility gate; registering it because it forgets by construction", name)
+            reason = "configured method passed every gate" if len(attempts) == 1 else \
+                f"{attempts[0].method} failed gates {[g.name for g in attempts[0].gates if not g.passed]}; escalated to {name}"
+            return Candidate(model, name, reason, champion_metrics, metrics, gates, record, attempts)
+        log.warning("Unlearn: %s failed gates %s; escalating", name, [g.name for g in gates if not g.passed])
+
+    failed = attempts[-1].method
+    raise RuntimeError(f"Unlearning method {failed} failed its gates and no exact fallback is configured; "
+                       f"set unlearn.fallback to 'retrain' in lethe.json.")
+
+
+@task(name="unlearn", cache_policy=NO_CACHE, persist_result=False)
+def unlearn_task(champion, new_data: pd.DataFrame, forget_rows: pd.DataFrame, settings: WorkspaceSettings,
+                 device, method: str | None = None) -> Candidate:
+    """Produce a gated candidate model that has forgotten the forget rows."""
+    return unlearn(champion, new_data, forget_rows, settings, device, method)

@@ -1,0 +1,97 @@
+"""Validate: Great Expectations on the new data version, forgetting and utility gates on the model.
+
+Suites and results only ever see keyed hashes of subject ids, and results use the
+SUMMARY format, because Great Expectations stores `value_set`s verbatim.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.settings import GateSettings
+
+log = logging.getLogger("lethe.validate")
+
+HASH_COLUMN = "subject_hash"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+
+    def describe(self) -> str:
+        verdict = "pass" if self.passed else "FAIL"
+        return f"{self.name} = {self.value:.3f} (max {self.threshold:g}): {verdict}"
+
+
+def validate_data(frame: pd.DataFrame, subject_hashes: pd.Series, forgotten: list[str],
+                  expected_dtypes: dict[str, str], expected_rows: int) -> dict:
+    """Run the data suite on the new data version; return the SUMMARY result as a dict."""
+    import great_expectations as gx
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False}
+    batch = context.data_sources.add_pandas("lethe").add_dataframe_asset("training_data").add_batch_definition_whole_dataframe("all")
+
+    suite = gx.ExpectationSuite(name="erasure")
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeInSet(column=HASH_COLUMN, value_set=sorted(forgotten)))
+    suite.add_expectation(gx.expectations.ExpectTableColumnsToMatchOrderedList(column_list=[*expected_dtypes, HASH_COLUMN]))
+    for column, dtype in expected_dtypes.items():
+        suite.add_expectation(gx.expectations.ExpectColumnValuesToBeOfType(column=column, type_=dtype))
+    suite.add_expectation(gx.expectations.ExpectTableRowCountToEqual(value=expected_rows))
+    suite = context.suites.add(suite)
+
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name="erasure", data=batch, suite=suite))
+    checked = frame.assign(**{HASH_COLUMN: subject_hashes.to_numpy()})
+    result = definition.run(batch_parameters={"dataframe": checked}, result_format="SUMMARY")
+    payload = result.to_json_dict()
+    failed = [r["expectation_config"]["type"] for r in payload["results"] if not r["success"]]
+    log.info("Data validation: %d expectations, %d failed %s", len(payload["results"]), len(failed), failed or "")
+    return payload
+
+
+def utility_gates(champion: dict[str, float], candidate: dict[str, float], gates: GateSettings) -> list[GateResult]:
+    """Accuracy drops against the champion, in percentage points, on the same retain and test sets."""
+    retain_drop = 100 * (champion["retain_accuracy"] - candidate["retain_accuracy"])
+    test_drop = 100 * (champion["test_accuracy"] - candidate["test_accuracy"])
+    return [
+        GateResult("retain_accuracy_drop_pp", retain_drop, gates.max_retain_drop_pp, retain_drop <= gates.max_retain_drop_pp),
+        GateResult("test_accuracy_drop_pp", test_drop, gates.max_test_drop_pp, test_drop <= gates.max_test_drop_pp),
+    ]
+
+
+def forgetting_gates(evidence, gates: GateSettings) -> list[GateResult]:
+    """The forget set must look like held-out data of the same size to the model."""
+    return [
+        GateResult("forget_accuracy_z", evidence.accuracy_z, gates.max_accuracy_z, evidence.accuracy_z <= gates.max_accuracy_z),
+        GateResult("forget_mia_z", evidence.mia_z, gates.max_mia_z, evidence.mia_z <= gates.max_mia_z),
+    ]
+
+
+def gates_as_dict(results: list[GateResult]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+def validate_new_data(ws, hasher, purged, forgotten: list[str]) -> dict:
+    """Validate the new data version against the pre-purge schema and row count."""
+    from tasks.dataset import SUBJECT_KEY
+    from tasks.purge import subject_hashes_of
+    from tasks.shards import read_all
+
+    frame = read_all(ws.data_dir)
+    expected = {column: str(dtype) for column, dtype in purged.forget_rows.dtypes.items()}
+    return validate_data(frame, subject_hashes_of(frame[SUBJECT_KEY], hasher), forgotten, expected, purged.rows_after)
+
+
+@task(name="validate-data", cache_policy=NO_CACHE, persist_result=False)
+def validate_data_task(ws, hasher, purged, forgotten: list[str]) -> dict:
+    """Run the Great Expectations suite on the new data version."""
+    return validate_new_data(ws, hasher, purged, forgotten)

@@ -1,0 +1,136 @@
+"""Git and DVC operations on a workspace: data versions, commits, rollback and object deletion."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tasks.errors import WorkspaceError
+from tasks.workspace import Workspace
+
+log = logging.getLogger("lethe.versioning")
+
+GITIGNORE = "/state/\n/queue/\n"
+GIT_IDENTITY = ("Lethe", "lethe@localhost")
+
+
+def git(ws: Workspace, *args: str) -> str:
+    """Run git in the workspace and return stdout; raise WorkspaceError with git's message."""
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": GIT_IDENTITY[0], "GIT_AUTHOR_EMAIL": GIT_IDENTITY[1],
+        "GIT_COMMITTER_NAME": GIT_IDENTITY[0], "GIT_COMMITTER_EMAIL": GIT_IDENTITY[1],
+    }
+    proc = subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise WorkspaceError(f"git {' '.join(args)} failed in {ws.root}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def _quiet_dvc() -> None:
+    # DVC prints "To track the changes with git, run ..." hints at INFO; the pipeline stages itself.
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+
+
+def open_dvc(ws: Workspace):
+    from dvc.repo import Repo
+
+    _quiet_dvc()
+    return Repo(str(ws.root))
+
+
+def init_repository(ws: Workspace) -> None:
+    """Create the git repository with DVC and a local DVC remote inside state/."""
+    from dvc.repo import Repo
+
+    _quiet_dvc()
+    git(ws, "init", "-q", "-b", "main")
+    (ws.root / ".gitignore").write_text(GITIGNORE)
+    with Repo.init(str(ws.root)) as repo:
+        with repo.config.edit() as conf:
+            conf["remote"]["workspace"] = {"url": str(ws.dvc_remote_dir)}
+            conf["core"]["remote"] = "workspace"
+            conf["core"]["analytics"] = False
+            conf["core"]["autostage"] = False
+
+
+def add_data(ws: Workspace) -> str:
+    """Snapshot data/ into the DVC cache, rewrite data.dvc, and return the directory md5."""
+    with open_dvc(ws) as repo:
+        repo.add(str(ws.data_dir))
+    return data_md5(ws)
+
+
+def push_data(ws: Workspace) -> int:
+    """Upload the current data version to the DVC remote; return the number of objects sent."""
+    with open_dvc(ws) as repo:
+        return repo.push(targets=[str(ws.dvc_file)])
+
+
+def data_md5(ws: Workspace, rev: str | None = None) -> str:
+    """Return the directory md5 (`…​.dir`) recorded in data.dvc, at `rev` or in the work tree."""
+    text = git(ws, "show", f"{rev}:data.dvc") if rev else ws.dvc_file.read_text()
+    return yaml.safe_load(text)["outs"][0]["md5"]
+
+
+def commit(ws: Workspace, paths: list[str], message: str) -> str:
+    git(ws, "add", "--", *paths)
+    git(ws, "commit", "-q", "-m", message)
+    return head_rev(ws)
+
+
+def head_rev(ws: Workspace) -> str:
+    return git(ws, "rev-parse", "HEAD")
+
+
+def has_uncommitted_data(ws: Workspace) -> bool:
+    return bool(git(ws, "status", "--porcelain", "--", "data.dvc"))
+
+
+def rollback_data(ws: Workspace) -> None:
+    """Restore data.dvc and data/ to the last committed version."""
+    git(ws, "checkout", "HEAD", "--", "data.dvc")
+    with open_dvc(ws) as repo:
+        repo.checkout(targets=[str(ws.dvc_file)], force=True)
+    log.info("Rolled data/ back to the committed version %s", data_md5(ws))
+
+
+def object_path(root: Path, md5: str) -> Path:
+    """Location of an object in a DVC 3 cache or local remote."""
+    return root / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def dir_listing(ws: Workspace, dir_md5: str) -> dict[str, str]:
+    """Map relpath -> md5 for the files of one data version, from the cached `.dir` object."""
+    path = object_path(ws.dvc_cache_dir, dir_md5)
+    if not path.exists():
+        path = object_path(ws.dvc_remote_dir, dir_md5)
+    if not path.exists():
+        raise WorkspaceError(f"DVC directory object {dir_md5} is in neither the cache nor the remote.")
+    return {entry["relpath"]: entry["md5"] for entry in json.loads(path.read_text())}
+
+
+def object_stores(ws: Workspace) -> dict[str, Path]:
+    """Every place that holds DVC objects: the cache and each configured local remote."""
+    return {"cache": ws.dvc_cache_dir, "remote:workspace": ws.dvc_remote_dir}
+
+
+def delete_object(ws: Workspace, md5: str) -> list[str]:
+    """Delete one object from the cache and every remote; return the stores it was removed from.
+
+    DVC has no targeted purge (`dvc gc` drops every old version), so Lethe removes exactly
+    the objects that held erased subjects and leaves the rest of history restorable.
+    """
+    removed = []
+    for store, root in object_stores(ws).items():
+        path = object_path(root, md5)
+        if path.exists():
+            path.chmod(0o600)
+            path.unlink()
+            removed.append(store)
+    return removed
