@@ -27,9 +27,6 @@ demo: install
 	$(BIN)/lethe request add --workspace $(DEMO_WORKSPACE) $(DEMO_SUBJECTS)
 	$(BIN)/lethe run --workspace $(DEMO_WORKSPACE)
 	$(BIN)/lethe lineage --workspace $(DEMO_WORKSPACE)
-	@echo
-	@echo "Open the MLflow UI on this workspace:"
-	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_WORKSPACE))/state/mlflow.db --host 127.0.0.1 --port 5000"
 
 test: install
 	$(BIN)/python -m pytest

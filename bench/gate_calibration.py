@@ -4,9 +4,12 @@ For random forget sets of whole training subjects, the script compares three mod
 against the test split: the original model (it remembers the forget set), an exact
 retrain without the forget set (it has forgotten by construction) and NegGrad+. The
 gate threshold should pass every exact retrain, and the table shows how often the
-original model would also pass. It prints a markdown table to stdout.
+original model would also pass. The z scores and p-values come from a null that
+resamples test subjects (forgetting_evidence with groups), and the report also gives
+the spread of the analytic z, which treats rows as independent, for comparison.
+It prints a markdown report to stdout.
 
-Usage: .venv/bin/python bench/gate_calibration.py --repeats 10 --output bench/results/gate_calibration.md
+Usage: .venv/bin/python bench/gate_calibration.py --repeats 30 --output bench/results/gate_calibration.md
 """
 
 from __future__ import annotations
@@ -34,18 +37,22 @@ from tasks.dataset import FEATURES, LABEL, SUBJECT_KEY, assign_split, load_randh
 
 logger = logging.getLogger("gate_calibration")
 
-# One-sided standard normal quantiles for false-positive rates of 5%, 1% and 0.135%.
-Z_THRESHOLDS = (1.645, 2.326, 3.0)
+# One-sided standard normal quantiles for false-positive rates of 5%, 1%, 0.135% and 0.003%.
+Z_THRESHOLDS = (1.645, 2.326, 3.0, 4.0)
+
+# p-value threshold of the `p < ...` column. With 500 draws the smallest possible p is 1/501.
+P_THRESHOLD = 0.01
 
 
 @dataclass
 class RandhieSplits:
-    """The RAND HIE splits, with the subject id of each training row."""
+    """The RAND HIE splits, with the subject id of each training and test row."""
 
     train: Split
     val: Split
     test: Split
     train_subjects: np.ndarray
+    test_subjects: np.ndarray
 
 
 @dataclass
@@ -58,6 +65,10 @@ class Measurement:
     n_forget_rows: int
     accuracy_z: float
     mia_z: float
+    accuracy_p: float
+    mia_p: float
+    analytic_accuracy_z: float
+    analytic_mia_z: float
     retain_drop_pp: float
     test_drop_pp: float
     wall_time_s: float
@@ -72,6 +83,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--split-seed", type=int, default=0, help="Seed of assign_split (default 0).")
     parser.add_argument("--sample-seed", type=int, default=0, help="Seed for drawing forget subjects (default 0).")
+    parser.add_argument("--draws", type=int, default=500, help="Draws of the subject-resampling null per evaluation (default 500).")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto).")
     parser.add_argument("--output", type=Path, help="Also write the markdown report to this file.")
     parser.add_argument("--raw-csv", type=Path, help="Also write one row per run and model to this CSV file.")
@@ -83,11 +95,13 @@ def load_splits(split_seed: int) -> RandhieSplits:
     frame = load_randhie()
     split = assign_split(frame[SUBJECT_KEY], seed=split_seed, test_fraction=0.2, val_fraction=0.1)
     train_frame = frame[split == "train"]
+    test_frame = frame[split == "test"]
     return RandhieSplits(
         train=Split.from_frame(train_frame, FEATURES, LABEL),
         val=Split.from_frame(frame[split == "val"], FEATURES, LABEL),
-        test=Split.from_frame(frame[split == "test"], FEATURES, LABEL),
+        test=Split.from_frame(test_frame, FEATURES, LABEL),
         train_subjects=train_frame[SUBJECT_KEY].to_numpy(),
+        test_subjects=test_frame[SUBJECT_KEY].to_numpy(),
     )
 
 
@@ -100,16 +114,23 @@ def sample_forget_mask(subjects: np.ndarray, n_subjects: int, rng: np.random.Gen
 def measure(
     model: TabularMLP,
     forget: Split,
+    forget_subjects: np.ndarray,
     retain: Split,
     splits: RandhieSplits,
     baseline_accuracy: dict[str, float],
+    draws: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """Return the model's z scores on `forget` against the test split, and its accuracy drops in percentage points."""
-    evidence = forgetting_evidence(model, forget, splits.test, device)
+    """Return the model's z scores and p-values on `forget` against the test split, and its accuracy drops in percentage points."""
+    evidence = forgetting_evidence(model, forget, splits.test, device, forget_subjects, splits.test_subjects, draws=draws)
+    analytic = forgetting_evidence(model, forget, splits.test, device)
     return {
         "accuracy_z": evidence.accuracy_z,
         "mia_z": evidence.mia_z,
+        "accuracy_p": evidence.accuracy_p,
+        "mia_p": evidence.mia_p,
+        "analytic_accuracy_z": analytic.accuracy_z,
+        "analytic_mia_z": analytic.mia_z,
         "retain_drop_pp": 100.0 * (baseline_accuracy["retain"] - accuracy(model, retain, device)),
         "test_drop_pp": 100.0 * (baseline_accuracy["test"] - accuracy(model, splits.test, device)),
     }
@@ -130,6 +151,7 @@ def run_repeats(args: argparse.Namespace, splits: RandhieSplits, device: torch.d
         for repeat in range(args.repeats):
             forget_mask = sample_forget_mask(splits.train_subjects, n_subjects, rng)
             forget, retain = splits.train.take(forget_mask), splits.train.take(~forget_mask)
+            forget_subjects = splits.train_subjects[forget_mask]
             baseline_accuracy = {"retain": accuracy(baseline, retain, device), "test": accuracy(baseline, splits.test, device)}
 
             retrained = retrain(baseline, forget, retain, splits.val, dataclasses.asdict(config), device)
@@ -141,7 +163,7 @@ def run_repeats(args: argparse.Namespace, splits: RandhieSplits, device: torch.d
             }
 
             for kind, (model, wall_time_s) in models.items():
-                values = measure(model, forget, retain, splits, baseline_accuracy, device)
+                values = measure(model, forget, forget_subjects, retain, splits, baseline_accuracy, args.draws, device)
                 measurements.append(Measurement(n_subjects, repeat, kind, len(forget), wall_time_s=wall_time_s, **values))
 
             logger.info(
@@ -157,6 +179,7 @@ def summarize(measurements: list[Measurement]) -> pd.DataFrame:
     frame = pd.DataFrame([dataclasses.asdict(m) for m in measurements])
     # The gate fails a model when either z exceeds the threshold, so the pass rate depends on the larger one.
     frame["gate_z"] = frame[["accuracy_z", "mia_z"]].max(axis=1)
+    frame["gate_p"] = frame[["accuracy_p", "mia_p"]].min(axis=1)
 
     rows = []
     for (n_subjects, kind), group in frame.groupby(["n_subjects", "kind"], sort=False):
@@ -172,6 +195,8 @@ def summarize(measurements: list[Measurement]) -> pd.DataFrame:
         }
         for threshold in Z_THRESHOLDS:
             row[f"> {threshold}"] = (group["gate_z"] > threshold).mean()
+        row["min p"] = group["gate_p"].min()
+        row[f"p < {P_THRESHOLD}"] = (group["gate_p"] < P_THRESHOLD).mean()
         row["test drop pp mean"] = group["test_drop_pp"].mean()
         row["test drop pp max"] = group["test_drop_pp"].max()
         row["retain drop pp mean"] = group["retain_drop_pp"].mean()
@@ -180,49 +205,92 @@ def summarize(measurements: list[Measurement]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def spread_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Standard deviation of each z over the exact retrains per forget-set size, for the resampled and the analytic null."""
+    retrains = frame[frame["kind"] == "retrain"]
+    rows = []
+    for n_subjects, group in retrains.groupby("n_subjects"):
+        rows.append({
+            "subjects": n_subjects,
+            "retrains": len(group),
+            "accuracy_z sd (resampled)": group["accuracy_z"].std(),
+            "accuracy_z sd (analytic)": group["analytic_accuracy_z"].std(),
+            "mia_z sd (resampled)": group["mia_z"].std(),
+            "mia_z sd (analytic)": group["analytic_mia_z"].std(),
+        })
+    return pd.DataFrame(rows)
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """Format a data frame as a GitHub markdown table with two decimals."""
+    """Format a data frame as a GitHub markdown table with two decimals, three for the p-value columns."""
     header = "| " + " | ".join(table.columns) + " |"
     divider = "|" + "|".join("---" for _ in table.columns) + "|"
     lines = [header, divider]
-    for _, row in table.iterrows():
-        cells = [f"{value:.2f}" if isinstance(value, float) else str(value) for value in row]
+    # itertuples keeps each column's dtype, where iterrows would turn the integer columns of an all-numeric table into floats.
+    for row in table.itertuples(index=False):
+        cells = [format_cell(column, value) for column, value in zip(table.columns, row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def format_cell(column: str, value: object) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3f}" if column == "min p" else f"{value:.2f}"
+
+
 def build_report(measurements: list[Measurement], config: TrainConfig, args: argparse.Namespace, device: torch.device, elapsed_s: float) -> str:
-    """Build the markdown report: setup, the summary table, retrain wall times and the largest retrain z."""
+    """Build the markdown report: setup, the summary and spread tables, wall times and the retrain z extremes."""
     frame = pd.DataFrame([dataclasses.asdict(m) for m in measurements])
     retrains = frame[frame["kind"] == "retrain"]
+    originals = frame[frame["kind"] == "original"]
     neggrad = frame[frame["kind"] == "neggrad_plus"]
-    largest_retrain_z = retrains[["accuracy_z", "mia_z"]].max(axis=1)
+    retrain_gate_z = retrains[["accuracy_z", "mia_z"]].max(axis=1)
+    original_gate_z = originals[["accuracy_z", "mia_z"]].max(axis=1)
 
     lines = [
         "# Forgetting-gate calibration on RAND HIE",
         "",
         f"Command: `bench/gate_calibration.py --repeats {args.repeats} --sizes {' '.join(map(str, args.sizes))} "
-        f"--split-seed {args.split_seed} --sample-seed {args.sample_seed}`",
+        f"--split-seed {args.split_seed} --sample-seed {args.sample_seed} --draws {args.draws}`",
         f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads. Total time {elapsed_s:.0f} s.",
         f"Baseline and retrain recipe: {config}.",
         "",
         "Each run draws the given number of training subjects at random and forgets all their rows.",
         "z scores compare the forget set with the test split (positive: treated like training data).",
+        f"The null distribution comes from {args.draws} draws of as many test subjects as the forget set has,",
+        "so it keeps the correlation between the rows of one subject.",
         "The `> z` columns are the fraction of runs whose larger z (accuracy_z or mia_z) exceeds z.",
+        f"`min p` is the smallest one-sided empirical p-value (the smaller of accuracy_p and mia_p) over the runs,",
+        f"and `p < {P_THRESHOLD}` is the fraction of runs where it is below {P_THRESHOLD}. The smallest possible p is 1/{args.draws + 1}.",
         "Drops are the baseline's accuracy minus the model's, in percentage points.",
         "",
         to_markdown(summarize(measurements)),
+        "",
+        "Spread of z over the exact retrains. Under an honest null it is close to 1. The analytic null",
+        "treats every row as independent.",
+        "",
+        to_markdown(spread_table(frame)),
         "",
         f"Retrain wall time: median {retrains['wall_time_s'].median():.2f} s, mean {retrains['wall_time_s'].mean():.2f} s, "
         f"max {retrains['wall_time_s'].max():.2f} s over {len(retrains)} retrains.",
         f"NegGrad+ wall time: median {neggrad['wall_time_s'].median():.2f} s, mean {neggrad['wall_time_s'].mean():.2f} s, "
         f"max {neggrad['wall_time_s'].max():.2f} s.",
         "Wall times vary with other load on the machine, so the median is the better summary.",
-        f"Largest z of any exact retrain: {largest_retrain_z.max():.2f}.",
+        "",
+        f"Largest z of any exact retrain: {retrain_gate_z.max():.2f}. "
+        f"99th percentile of the retrains' larger z: {retrain_gate_z.quantile(0.99):.2f} "
+        f"(linear interpolation over {len(retrains)} values).",
     ]
     for n_subjects, group in retrains.groupby("n_subjects"):
         lines.append(f"- {n_subjects} subjects: largest retrain z {group[['accuracy_z', 'mia_z']].max(axis=1).max():.2f}")
+    lines += ["", "Runs whose larger z exceeds each threshold, over all sizes:", ""]
+    for threshold in Z_THRESHOLDS:
+        lines.append(
+            f"- z > {threshold}: {(retrain_gate_z > threshold).sum()} of {len(retrains)} exact retrains, "
+            f"{(original_gate_z > threshold).sum()} of {len(originals)} originals."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +301,8 @@ def main() -> None:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}.")
     if min(args.sizes) < 1:
         raise SystemExit(f"Every --sizes value must be at least 1, got {args.sizes}.")
+    if args.draws < 2:
+        raise SystemExit(f"--draws must be at least 2, got {args.draws}.")
 
     started = time.perf_counter()
     device = pick_device(args.device)

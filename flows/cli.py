@@ -21,8 +21,9 @@ app = typer.Typer(help="Lethe: erase data subjects from training data, its linea
                   no_args_is_help=True, pretty_exceptions_enable=False)
 request_app = typer.Typer(help="Manage deletion requests.", no_args_is_help=True)
 app.add_typer(request_app, name="request")
-console = Console()
-err = Console(stderr=True)
+# Piped output (make, CI logs) gets a wide fixed width instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 WorkspaceOption = Annotated[
     Path | None,
@@ -183,7 +184,8 @@ def lineage(
         table.add_row(entry["version"], parent, entry["method"], entry["batch_id"] or "-", entry["request_count"],
                       entry["data_rev"][:10], _pct(entry["test_accuracy"]), _pct(entry["retain_accuracy"]), created)
     console.print(table)
-    console.print(f"Inspect in the MLflow UI: mlflow ui --backend-store-uri {ws.mlflow_uri} --port 5000")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    console.print(f"Open the MLflow UI on this workspace:\n  {mlflow_bin} ui --backend-store-uri {ws.mlflow_uri} --host 127.0.0.1 --port 5000")
 
 
 def _pct(value: float | None) -> str:

@@ -24,11 +24,12 @@ from tasks.report import batch_markdown
 from tasks.retire import retire_task
 from tasks.settings import GateSettings
 from tasks.shards import read_all
+from tasks.sources import QueueSource, open_sources, validate_specs
 from tasks.unlearn import unlearn_task
 from tasks.validate import validate_data_task
 from flows.logs import workspace_log_file
 
-SOURCES = ("local",)
+DEFAULT_SOURCES = ("local",)
 
 
 class StageTimer:
@@ -49,28 +50,27 @@ class StageTimer:
 @flow(name="nightly_deletion_run", persist_result=False, log_prints=False)
 def nightly_deletion_run(
     workspace: str | None = None,
-    sources: list[str] = list(SOURCES),
+    sources: list[str] = list(DEFAULT_SOURCES),
     method: str | None = None,
     gates: GateSettings | None = None,
 ) -> dict:
-    """Process every pending deletion request of the workspace's queue in one erasure batch.
+    """Process every pending deletion request of the queue sources in one erasure batch.
 
     Args:
         workspace: Workspace directory; defaults to LETHE_WORKSPACE.
-        sources: Queue sources to read; "local" is the workspace's queue directory.
+        sources: Queue sources to read, in order: "local" (the workspace's queue directory),
+            "s3://<bucket>/<prefix>/", "sqs://<queue name>" or an SQS queue URL.
         method: Unlearning method tried first; defaults to the workspace setting.
         gates: Gate thresholds for this run; defaults to the workspace setting.
     """
-    unknown = sorted(set(sources) - set(SOURCES))
-    if unknown:
-        raise ValueError(f"Unknown queue source(s) {unknown}; valid sources: {list(SOURCES)}.")
+    validate_specs(sources)
     logger = get_run_logger()
     ctx = open_context(workspace, gates)
     with workspace_log_file(ctx.ws.log_file):
-        return _run(ctx, method, logger)
+        return _run(ctx, open_sources(sources, ctx.ws), method, logger)
 
 
-def _run(ctx: RunContext, method: str | None, logger) -> dict:
+def _run(ctx: RunContext, queue_sources: list[QueueSource], method: str | None, logger) -> dict:
     from models.device import pick_device
 
     timer = StageTimer()
@@ -80,7 +80,7 @@ def _run(ctx: RunContext, method: str | None, logger) -> dict:
 
     # 1. Ingest: open a batch over every pending request.
     with timer("ingest"):
-        batch = ingest_task(ctx.ws, ctx.ledger, ctx.hasher, ctx.settings.deadline_days)
+        batch = ingest_task(ctx.ws, ctx.ledger, ctx.hasher, ctx.settings.deadline_days, queue_sources)
     if batch.batch_id is None:
         logger.info("No pending requests; nothing to do")
         return {"status": "empty", "quarantined": batch.quarantined, "stage_seconds": timer.seconds}
@@ -120,7 +120,7 @@ def _run(ctx: RunContext, method: str | None, logger) -> dict:
         # Every subject was unknown: nothing to erase, so no new data or model version.
         summary = {"batch_id": batch.batch_id, "status": "no_data_held", "request_count": len(batch.request_ids),
                    "stage_seconds": timer.seconds}
-        acknowledge_task(ctx, batch, set(), summary)
+        acknowledge_task(ctx, batch, set(), summary, queue_sources)
         logger.info("Batch %s: no subject held data; %d requests closed", batch.batch_id, len(batch.request_ids))
         return summary
 
@@ -160,7 +160,7 @@ def _run(ctx: RunContext, method: str | None, logger) -> dict:
         "retired_versions": retired, "stage_seconds": timer.seconds,
     }
     with timer("acknowledge"):
-        acknowledge_task(ctx, batch, purged.found_hashes, summary)
+        acknowledge_task(ctx, batch, purged.found_hashes, summary, queue_sources)
         create_markdown_artifact(key="erasure-batch", markdown=batch_markdown(summary),
                                  description=f"Erasure batch {batch.batch_id}")
     summary["stage_seconds"] = timer.seconds

@@ -1,4 +1,4 @@
-"""What every stage of a run needs: workspace, settings, ledger, hasher and device."""
+"""The run context: workspace, settings, ledger and hasher that every stage of a run uses."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Ingest: read deletion requests from the queue, quarantine invalid ones, record the rest.
+"""Ingest: read deletion requests from the queue sources, quarantine invalid ones, record the rest.
 
-Requests are not acknowledged here; that happens only after the batch commits.
+Requests are acknowledged after their batch commits. The one exception: when no batch
+opens, ingest acknowledges the requests that earlier batches already closed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.hashing import SubjectHasher, digest_of_hashes
 from tasks.ledger import Batch, BatchState, DeletionRequest, Ledger, QuarantinedLine, RequestState
-from tasks.queue import LocalQueue
+from tasks.sources import QueueSource, acknowledge_sources, read_sources
+from tasks.sources.local import LocalSource
 from tasks.workspace import Workspace
 
 log = logging.getLogger("lethe.ingest")
@@ -43,10 +45,15 @@ def new_batch_id() -> str:
     return f"batch-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-def ingest(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: int) -> IngestResult:
-    """Record queued requests in the ledger and open a batch over every pending request."""
-    queue = LocalQueue(ws)
-    queued, quarantined = queue.read_pending()
+def ingest(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: int,
+           sources: list[QueueSource] | None = None) -> IngestResult:
+    """Record queued requests in the ledger and open a batch over every pending request.
+
+    Reads the sources in the order given; the default is the workspace's local queue.
+    """
+    if sources is None:
+        sources = [LocalSource(ws)]
+    queued, quarantined = read_sources(sources)
     result = IngestResult(batch_id=None, quarantined=len(quarantined))
 
     with ledger.session() as s:
@@ -66,7 +73,7 @@ def ingest(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: 
                 request_id=request.request_id,
                 subject_hash=hasher.hash(request.subject_id),
                 source=request.source,
-                source_ref=f"{queue.name}:{item.source_ref}",
+                source_ref=item.source_ref,
                 received_at=request.received_at,
                 deadline=request.received_at + timedelta(days=deadline_days),
                 state=RequestState.PENDING,
@@ -76,13 +83,16 @@ def ingest(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: 
 
     pending = ledger.pending_requests()
     if not pending:
+        # No batch will acknowledge these, and an undeleted SQS message would be delivered
+        # again until a redrive policy moves it to the dead-letter queue.
+        acknowledge_sources(sources, result.source_refs, hasher)
         log.info("Ingest: no pending requests (%d quarantined, %d already closed)", result.quarantined, result.already_closed)
         return result
 
     result.batch_id = new_batch_id()
     result.request_ids = [r.request_id for r in pending]
     result.subject_hashes = sorted({r.subject_hash for r in pending})
-    result.source_refs |= {r.source_ref.split(":", 1)[1] for r in pending if r.source_ref.startswith(f"{queue.name}:")}
+    result.source_refs |= {r.source_ref for r in pending if any(source.owns(r.source_ref) for source in sources)}
     with ledger.session() as s:
         s.add(Batch(batch_id=result.batch_id, state=BatchState.OPEN, request_count=len(pending),
                     subject_count=len(result.subject_hashes), subject_digest=result.subject_digest))
@@ -97,6 +107,7 @@ def ingest(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: 
 
 
 @task(name="ingest", cache_policy=NO_CACHE, persist_result=False)
-def ingest_task(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: int) -> IngestResult:
-    """Read the queue and open a batch."""
-    return ingest(ws, ledger, hasher, deadline_days)
+def ingest_task(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: int,
+                sources: list[QueueSource] | None = None) -> IngestResult:
+    """Read the queue sources and open a batch."""
+    return ingest(ws, ledger, hasher, deadline_days, sources)

@@ -1,4 +1,4 @@
-"""Commit the new data version, register the candidate model, and acknowledge the requests."""
+"""Commit the new data version, register the candidate model, and acknowledge the requests at their sources."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from tasks.context import RunContext
 from tasks.ingest import IngestResult
 from tasks.ledger import Batch, BatchState, DeletionRequest, RequestState, utcnow
 from tasks.purge import PurgeResult
-from tasks.queue import LocalQueue
+from tasks.sources import QueueSource, acknowledge_sources
+from tasks.sources.local import LocalSource
 
 log = logging.getLogger("lethe.publish")
 
@@ -40,21 +41,28 @@ def commit_data(ctx: RunContext, batch: IngestResult, purged: PurgeResult) -> st
     return rev
 
 
-def acknowledge(ctx: RunContext, batch: IngestResult, found_hashes: set[str], summary: dict) -> int:
-    """Close the batch's requests in the ledger and move their queue files to done/."""
+def acknowledge(ctx: RunContext, batch: IngestResult, found_hashes: set[str], summary: dict,
+                sources: list[QueueSource] | None = None) -> int:
+    """Close the batch's requests in the ledger, then acknowledge each source ref at its own source.
+
+    The default sources are the workspace's local queue.
+    """
     now = utcnow()
     with ctx.ledger.session() as s:
         for request in s.query(DeletionRequest).filter(DeletionRequest.batch_id == batch.batch_id):
-            held = request.subject_hash in found_hashes
-            request.state = RequestState.COMPLETED if held else RequestState.NO_DATA_HELD
+            has_data = request.subject_hash in found_hashes
+            request.state = RequestState.COMPLETED if has_data else RequestState.NO_DATA_HELD
             request.completed_at = now
         b = s.get(Batch, batch.batch_id)
         b.state = BatchState.ACKNOWLEDGED
         b.finished_at = now
         b.summary = summary
-    moved = LocalQueue(ctx.ws).acknowledge(batch.source_refs, ctx.hasher)
-    log.info("Acknowledge: %d requests closed, %d queue files moved to done/", len(batch.request_ids), moved)
-    return moved
+    if sources is None:
+        sources = [LocalSource(ctx.ws)]
+    acknowledged = acknowledge_sources(sources, batch.source_refs, ctx.hasher)
+    log.info("Acknowledge: %d requests closed, %d queue files, objects or messages acknowledged",
+             len(batch.request_ids), acknowledged)
+    return acknowledged
 
 
 @task(name="commit", cache_policy=NO_CACHE, persist_result=False)
@@ -71,6 +79,7 @@ def register_task(ctx: RunContext, candidate: registry.LoggedCandidate, tags: di
 
 
 @task(name="acknowledge", cache_policy=NO_CACHE, persist_result=False)
-def acknowledge_task(ctx: RunContext, batch: IngestResult, found_hashes: set[str], summary: dict) -> int:
-    """Close the requests and move their files to done/."""
-    return acknowledge(ctx, batch, found_hashes, summary)
+def acknowledge_task(ctx: RunContext, batch: IngestResult, found_hashes: set[str], summary: dict,
+                     sources: list[QueueSource] | None = None) -> int:
+    """Close the requests and acknowledge them at their queue sources."""
+    return acknowledge(ctx, batch, found_hashes, summary, sources)

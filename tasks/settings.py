@@ -51,14 +51,14 @@ class UnlearnSettings(BaseModel):
 class GateSettings(BaseModel):
     """Thresholds a candidate model must meet before it is registered.
 
-    The z thresholds come from bench/gate_calibration.py: exact retrains (which have
-    forgotten by construction) stayed below them in every measured repetition.
+    The z thresholds come from bench/gate_calibration.py: all 90 measured exact retrains
+    (which have forgotten by construction) stayed below 3.0, the largest at 2.78.
     """
 
     max_retain_drop_pp: float = Field(1.0, description="Largest allowed drop of retain accuracy vs the champion, in percentage points.")
     max_test_drop_pp: float = Field(1.0, description="Largest allowed drop of test accuracy vs the champion, in percentage points.")
-    max_accuracy_z: float = Field(3.0, description="Largest allowed z of forget-set accuracy above held-out accuracy of the same size.")
-    max_mia_z: float = Field(3.0, description="Largest allowed z of the loss-based membership-inference AUC above 0.5.")
+    max_accuracy_z: float = Field(3.0, description="Largest allowed |z| of forget-set accuracy against held-out subjects of the same count.")
+    max_mia_z: float = Field(3.0, description="Largest allowed |z| of the loss-based membership-inference AUC against held-out subjects of the same count.")
 
 
 class WorkspaceSettings(BaseModel):

@@ -10,11 +10,12 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.dataset import SPLIT
+from tasks.dataset import SPLIT, SUBJECT_KEY
 from tasks.modeling import splits_of, to_split, utility_metrics
 from tasks.settings import WorkspaceSettings
 from tasks.validate import GateResult, forgetting_gates, gates_as_dict, utility_gates
@@ -52,14 +53,28 @@ class Candidate:
     attempts: list[Attempt] = field(default_factory=list)
 
 
-def evaluate(model, splits, forget, device) -> tuple[dict[str, float], object | None]:
+@dataclass(frozen=True)
+class ForgetSet:
+    """The forget rows the champion trained on, with the subject of each row and of each test row.
+
+    Subjects let the forgetting gate resample whole held-out subjects, because the
+    yearly rows of one person are correlated and a row-level null understates the spread.
+    """
+
+    split: object
+    subjects: np.ndarray
+    test_subjects: np.ndarray
+
+
+def evaluate(model, splits, forget: ForgetSet | None, device) -> tuple[dict[str, float], object | None]:
     """Utility metrics, plus forgetting evidence against the test split when there is a forget set."""
     from models.evaluation import forgetting_evidence
 
     metrics = utility_metrics(model, splits, device)
     if forget is None:
         return metrics, None
-    evidence = forgetting_evidence(model, forget, splits["test"], device)
+    evidence = forgetting_evidence(model, forget.split, splits["test"], device,
+                                   forget_groups=forget.subjects, heldout_groups=forget.test_subjects)
     metrics.update({f"forget_{k}": float(v) for k, v in asdict(evidence).items()})
     return metrics, evidence
 
@@ -76,7 +91,10 @@ def unlearn(champion, new_data: pd.DataFrame, forget_rows: pd.DataFrame, setting
     """Try the configured method, gate it, and fall back to exact retraining on any failed gate."""
     splits = splits_of(new_data)
     trained_on = forget_rows[forget_rows[SPLIT] == "train"] if len(forget_rows) else forget_rows
-    forget = to_split(trained_on) if len(trained_on) else None
+    forget = None
+    if len(trained_on):
+        test_subjects = new_data.loc[new_data[SPLIT] == "test", SUBJECT_KEY].to_numpy()
+        forget = ForgetSet(to_split(trained_on), trained_on[SUBJECT_KEY].to_numpy(), test_subjects)
     champion_metrics, _ = evaluate(champion, splits, forget, device)
 
     first = method or settings.unlearn.method
@@ -90,8 +108,8 @@ def unlearn(champion, new_data: pd.DataFrame, forget_rows: pd.DataFrame, setting
             started = time.perf_counter()
         else:
             started = time.perf_counter()
-            log.info("Unlearn: running %s on %d forget rows, %d retain rows", name, len(forget), len(splits["train"]))
-            result = run_method(name, champion, forget, splits, settings, device)
+            log.info("Unlearn: running %s on %d forget rows, %d retain rows", name, len(forget.split), len(splits["train"]))
+            result = run_method(name, champion, forget.split, splits, settings, device)
             model, record = result.model, asdict(result.record)
         elapsed = time.perf_counter() - started
 

@@ -26,10 +26,12 @@ class GateResult:
     value: float
     threshold: float
     passed: bool
+    two_sided: bool = False
 
     def describe(self) -> str:
         verdict = "pass" if self.passed else "FAIL"
-        return f"{self.name} = {self.value:.3f} (max {self.threshold:g}): {verdict}"
+        bound = f"|value| max {self.threshold:g}" if self.two_sided else f"max {self.threshold:g}"
+        return f"{self.name} = {self.value:.3f} ({bound}): {verdict}"
 
 
 def validate_data(frame: pd.DataFrame, subject_hashes: pd.Series, forgotten: list[str],
@@ -69,10 +71,16 @@ def utility_gates(champion: dict[str, float], candidate: dict[str, float], gates
 
 
 def forgetting_gates(evidence, gates: GateSettings) -> list[GateResult]:
-    """The forget set must look like held-out data of the same size to the model."""
+    """The forget set must look like held-out data of the same size to the model.
+
+    Two-sided: a forget set that the model gets markedly wrong (negative z) is as
+    distinguishable as one it remembers, so over-forgetting fails the gate too.
+    """
     return [
-        GateResult("forget_accuracy_z", evidence.accuracy_z, gates.max_accuracy_z, evidence.accuracy_z <= gates.max_accuracy_z),
-        GateResult("forget_mia_z", evidence.mia_z, gates.max_mia_z, evidence.mia_z <= gates.max_mia_z),
+        GateResult("forget_accuracy_z", evidence.accuracy_z, gates.max_accuracy_z,
+                   abs(evidence.accuracy_z) <= gates.max_accuracy_z, two_sided=True),
+        GateResult("forget_mia_z", evidence.mia_z, gates.max_mia_z,
+                   abs(evidence.mia_z) <= gates.max_mia_z, two_sided=True),
     ]
 
 

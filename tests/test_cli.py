@@ -61,4 +61,4 @@ def test_lineage_prints_version_one(workspace, monkeypatch):
     result = runner.invoke(app, ["lineage", "--workspace", str(workspace.root)])
     assert result.exit_code == 0, result.output
     assert "baseline" in result.output
-    assert "mlflow ui --backend-store-uri" in result.output
+    assert "ui --backend-store-uri" in result.output

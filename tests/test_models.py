@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import logging
 import pickle
 import subprocess
 import sys
@@ -10,10 +12,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 
 from models.data import Split
 from models.device import pick_device, seed_everything
-from models.evaluation import accuracy, forgetting_evidence, mia_auc, per_example_loss, predict_logits
+from models.evaluation import (
+    Z_LIMIT,
+    accuracy,
+    encode_groups,
+    forgetting_evidence,
+    mia_auc,
+    per_example_loss,
+    predict_logits,
+    subject_resampling_null,
+)
 from models.network import TabularMLP
 from models.training import TrainConfig, train_mlp
 from models.unlearning import METHODS, get_method
@@ -36,6 +48,33 @@ def make_split(n_rows: int, seed: int, shift: float = 0.0, random_labels: bool =
         y = rng.integers(0, 2, size=n_rows)
     x[rng.random(n_rows) < 0.1, 2] = np.nan
     return Split(x, y)
+
+
+def make_subject_split(
+    n_subjects: int, rows_per_subject: int, seed: int, random_labels: bool = False, first_subject: int = 0
+) -> tuple[Split, np.ndarray]:
+    """Build rows grouped by subject, and return them with the subject id of each row.
+
+    The rows of one subject are small perturbations of a common feature vector, and with
+    `random_labels` they share one random label, so they are strongly correlated.
+    """
+    rng = np.random.default_rng(seed)
+    scales = np.array([1.0, 10.0, 0.1, 100.0, 1.0])
+    centres = rng.normal(size=(n_subjects, N_FEATURES)) * scales
+    noise = 0.1 * rng.normal(size=(n_subjects * rows_per_subject, N_FEATURES)) * scales
+    x = np.repeat(centres, rows_per_subject, axis=0) + noise
+    if random_labels:
+        y = np.repeat(rng.integers(0, 2, size=n_subjects), rows_per_subject)
+    else:
+        y = (x[:, 0] + 0.2 * x[:, 1] > 0).astype(np.int64)
+    groups = first_subject + np.repeat(np.arange(n_subjects), rows_per_subject)
+    return Split(x, y), groups
+
+
+def repeat_rows(split: Split, times: int) -> tuple[Split, np.ndarray]:
+    """Copy every row `times` times and make each row with its copies one subject."""
+    groups = np.repeat(np.arange(len(split)), times)
+    return Split(np.repeat(split.x, times, axis=0), np.repeat(split.y, times)), groups
 
 
 def concat(*splits: Split) -> Split:
@@ -326,6 +365,240 @@ def test_evidence_perfect_heldout() -> None:
     assert evidence.heldout_accuracy == 1.0
     assert evidence.accuracy_se > 0.0
     assert evidence.accuracy_z == 0.0
+
+
+def test_evidence_analytic_without_groups(memorisation_case: dict) -> None:
+    case = memorisation_case
+    model, forget, heldout = case["retrained"], case["forget"], case["heldout"]
+    evidence = forgetting_evidence(model, forget, heldout, CPU)
+
+    p = accuracy(model, heldout, CPU)
+    expected_accuracy_z = (accuracy(model, forget, CPU) - p) / np.sqrt(p * (1 - p) / 40)
+    expected_auc = mia_auc(per_example_loss(model, forget, CPU), per_example_loss(model, heldout, CPU))
+    expected_mia_z = (expected_auc - 0.5) / np.sqrt((40 + 300 + 1) / (12 * 40 * 300))
+    assert evidence.null_method == "analytic"
+    assert evidence.null_draws == 0
+    assert evidence.accuracy_z == pytest.approx(expected_accuracy_z)
+    assert evidence.mia_auc == pytest.approx(expected_auc)
+    assert evidence.mia_z == pytest.approx(expected_mia_z)
+    assert evidence.accuracy_p == pytest.approx(norm.sf(expected_accuracy_z))
+    assert evidence.mia_p == pytest.approx(norm.sf(expected_mia_z))
+
+
+@pytest.fixture(scope="module")
+def subject_case() -> dict:
+    """Build a memorising model and its retrain for forget and held-out sets of 4-row subjects."""
+    base, _ = make_subject_split(100, 4, seed=20)
+    forget, forget_groups = make_subject_split(40, 4, seed=21, random_labels=True, first_subject=1000)
+    heldout, heldout_groups = make_subject_split(150, 4, seed=22, random_labels=True, first_subject=2000)
+
+    with_forget = concat(base, forget)
+    memorised, _ = train_mlp(with_forget, with_forget, MEMORISE, CPU)
+    retrained, _ = train_mlp(base, base, MEMORISE, CPU)
+    return {
+        "forget": forget,
+        "heldout": heldout,
+        "forget_groups": forget_groups,
+        "heldout_groups": heldout_groups,
+        "memorised": memorised,
+        "retrained": retrained,
+    }
+
+
+def subject_evidence(case: dict, model_key: str, **options):
+    return forgetting_evidence(
+        case[model_key], case["forget"], case["heldout"], CPU, case["forget_groups"], case["heldout_groups"], **options
+    )
+
+
+def test_subject_null_reproducible(subject_case: dict) -> None:
+    first = subject_evidence(subject_case, "retrained", seed=5)
+    second = subject_evidence(subject_case, "retrained", seed=5)
+    other_seed = subject_evidence(subject_case, "retrained", seed=6)
+    assert first == second
+    assert first.null_method == "subject_resampling"
+    assert first.null_draws == 500
+    assert other_seed.accuracy_se != first.accuracy_se
+
+
+def test_subject_null_retrained_near_zero(subject_case: dict) -> None:
+    evidence = subject_evidence(subject_case, "retrained")
+    assert abs(evidence.accuracy_z) < 2.0
+    assert abs(evidence.mia_z) < 2.0
+    assert evidence.accuracy_p > 0.05
+    assert evidence.mia_p > 0.05
+
+
+def test_subject_null_memorised_large(subject_case: dict) -> None:
+    evidence = subject_evidence(subject_case, "memorised")
+    assert evidence.accuracy_z > 3.0
+    assert evidence.mia_z > 3.0
+    # No draw reaches the observed values, so p is the smallest possible, 1 / (1 + draws).
+    assert evidence.accuracy_p == pytest.approx(1 / 501)
+    assert evidence.mia_p == pytest.approx(1 / 501)
+
+
+def test_subject_null_draws_option(subject_case: dict) -> None:
+    evidence = subject_evidence(subject_case, "memorised", draws=99)
+    assert evidence.null_draws == 99
+    assert evidence.accuracy_p == pytest.approx(1 / 100)
+
+
+def test_subject_null_wider_when_correlated(trained) -> None:
+    model, _ = trained
+    # Eight identical rows per subject carry the information of one row.
+    heldout, heldout_groups = repeat_rows(make_split(120, seed=30), 8)
+    forget, forget_groups = repeat_rows(make_split(10, seed=31), 8)
+
+    analytic = forgetting_evidence(model, forget, heldout, CPU)
+    resampled = forgetting_evidence(model, forget, heldout, CPU, forget_groups, heldout_groups + 1000)
+    # With 10 of 120 subjects drawn, the expected ratio is sqrt(8 * 110 / 119), about 2.7.
+    assert resampled.accuracy_se > 2.0 * analytic.accuracy_se
+    assert resampled.mia_auc_se > 2.0 * analytic.mia_auc_se
+
+
+def test_subject_null_matches_analytic_when_independent(trained) -> None:
+    model, _ = trained
+    heldout = make_split(2000, seed=32)
+    forget = make_split(40, seed=33)
+    analytic = forgetting_evidence(model, forget, heldout, CPU)
+    resampled = forgetting_evidence(model, forget, heldout, CPU, np.arange(40), np.arange(2000))
+    assert resampled.accuracy_se == pytest.approx(analytic.accuracy_se, rel=0.15)
+    assert resampled.mia_auc_se == pytest.approx(analytic.mia_auc_se, rel=0.15)
+
+
+def test_subject_null_leave_one_out_values() -> None:
+    # Five of six subjects are drawn, so each draw equals one of six leave-one-out sets.
+    groups = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 5, 5, 5])
+    losses = np.array([0.5, 0.1, 0.5, 0.9, 0.2, 0.5, 0.7, 0.1, 0.3, 0.5, 0.9, 0.05, 0.2])
+    correct = np.array([1, 0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1, 1], dtype=bool)
+    expected = set()
+    for left_out in range(6):
+        members = groups != left_out
+        expected.add((round(correct[members].mean(), 12), round(mia_auc(losses[members], losses[~members]), 12)))
+
+    null = subject_resampling_null(losses, correct, groups, n_subjects=5, draws=200, seed=1)
+    drawn = {(round(a, 12), round(b, 12)) for a, b in zip(null.accuracy, null.auc)}
+    assert not null.with_replacement
+    assert len(null.auc) == 200
+    assert drawn == expected
+
+
+def test_subject_null_with_replacement_values(caplog) -> None:
+    # Three held-out subjects for three forget subjects force sampling with replacement.
+    groups = np.array([0, 0, 1, 2, 2, 2])
+    losses = np.array([0.5, 0.1, 0.5, 0.9, 0.2, 0.5])
+    correct = np.array([1, 0, 1, 1, 0, 0], dtype=bool)
+    expected = set()
+    for times_drawn in itertools.product(range(4), repeat=3):
+        if sum(times_drawn) != 3 or min(times_drawn) > 0:
+            continue
+        weights = np.array(times_drawn)[groups]
+        members = weights > 0
+        member_losses = np.repeat(losses[members], weights[members])
+        member_accuracy = np.repeat(correct[members], weights[members]).mean()
+        expected.add((round(member_accuracy, 12), round(mia_auc(member_losses, losses[~members]), 12)))
+
+    with caplog.at_level(logging.WARNING, logger="models.evaluation"):
+        null = subject_resampling_null(losses, correct, groups, n_subjects=3, draws=300, seed=2)
+    drawn = {(round(a, 12), round(b, 12)) for a, b in zip(null.accuracy, null.auc)}
+    assert null.with_replacement
+    assert "with replacement" in caplog.text
+    # A draw of all three subjects leaves nothing to compare with and is dropped.
+    assert 2 <= len(null.auc) < 300
+    assert drawn <= expected
+
+
+def test_subject_null_fallback_evidence(trained, val_split: Split) -> None:
+    model, _ = trained
+    forget = val_split.take(np.arange(10))
+    heldout = val_split.take(np.arange(10, 150))
+    evidence = forgetting_evidence(model, forget, heldout, CPU, np.arange(10), np.arange(140) % 5)
+    assert evidence.null_method == "subject_resampling"
+    assert 2 <= evidence.null_draws <= 500
+    assert np.isfinite(evidence.accuracy_z)
+    assert np.isfinite(evidence.mia_z)
+
+
+def test_subject_null_zero_spread() -> None:
+    # Zero weights and a positive output bias predict class 1 with one loss for every row.
+    model = TabularMLP(2, hidden=())
+    with torch.no_grad():
+        model.layers[0].weight.zero_()
+        model.layers[0].bias.copy_(torch.tensor([0.0, 1.0]))
+    heldout = Split(np.ones((12, 2)), np.ones(12))
+    groups = np.repeat(np.arange(6), 2)
+
+    evidence = forgetting_evidence(model, heldout.take(np.arange(4)), heldout, CPU, groups[:4] + 100, groups)
+    assert evidence.accuracy_se == 0.0
+    assert evidence.accuracy_z == 0.0
+    assert evidence.mia_auc_se == 0.0
+    assert evidence.mia_z == 0.0
+
+    wrong = Split(np.ones((4, 2)), np.zeros(4))
+    evidence = forgetting_evidence(model, wrong, heldout, CPU, np.array([0, 0, 1, 1]), groups)
+    assert evidence.accuracy_z == -Z_LIMIT
+    assert evidence.mia_z == -Z_LIMIT
+    assert evidence.accuracy_p == 1.0
+
+
+def test_subject_null_empty_forget(trained, val_split: Split) -> None:
+    model, _ = trained
+    empty = val_split.take(np.array([], dtype=np.int64))
+    evidence = forgetting_evidence(model, empty, val_split, CPU, np.array([], dtype=np.int64), np.arange(len(val_split)))
+    assert evidence.accuracy_z == 0.0
+    assert evidence.mia_z == 0.0
+    assert evidence.accuracy_p == 1.0
+    assert evidence.mia_p == 1.0
+
+
+def test_subject_null_string_ids(subject_case: dict) -> None:
+    case = dict(subject_case)
+    by_integer = subject_evidence(case, "retrained")
+    case["forget_groups"] = np.array([f"subject-{g}" for g in case["forget_groups"]], dtype=object)
+    case["heldout_groups"] = np.array([f"subject-{g:05d}" for g in case["heldout_groups"]], dtype=object)
+    # Zero-padded ids sort like the integers, so the codes and therefore the draws match.
+    assert subject_evidence(case, "retrained") == by_integer
+
+
+def test_encode_groups_unorderable_ids() -> None:
+    codes, n_subjects = encode_groups(np.array([3, "a", 3, (1, 2), "a"], dtype=object))
+    assert n_subjects == 3
+    assert codes.tolist() == [0, 1, 0, 2, 1]
+
+
+def test_subject_null_only_one_group_array(subject_case: dict) -> None:
+    case = subject_case
+    with pytest.raises(ValueError, match="both"):
+        forgetting_evidence(case["retrained"], case["forget"], case["heldout"], CPU, forget_groups=case["forget_groups"])
+
+
+def test_subject_null_group_length_mismatch(subject_case: dict) -> None:
+    case = subject_case
+    with pytest.raises(ValueError, match="heldout_groups has 5 subject ids"):
+        forgetting_evidence(case["retrained"], case["forget"], case["heldout"], CPU, case["forget_groups"], np.arange(5))
+
+
+def test_subject_null_one_heldout_subject() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        subject_resampling_null(np.array([0.1, 0.2]), np.array([True, False]), np.array([7, 7]), n_subjects=1)
+
+
+def test_subject_null_too_few_draws() -> None:
+    with pytest.raises(ValueError, match="draws"):
+        subject_resampling_null(np.array([0.1, 0.2]), np.array([True, False]), np.array([1, 2]), n_subjects=1, draws=1)
+
+
+def test_subject_null_realistic_size() -> None:
+    # 4,000 held-out rows in about 1,200 subjects, as many as the RAND HIE test split.
+    # Its speed is measured in bench/gate_calibration.py, not asserted here.
+    rng = np.random.default_rng(0)
+    groups = np.sort(rng.integers(0, 1200, size=4000))
+    losses = rng.exponential(size=4000)
+    correct = rng.random(4000) < 0.7
+    null = subject_resampling_null(losses, correct, groups, n_subjects=60, draws=500)
+    assert len(null.auc) == 500
+    assert 0.4 < float(np.mean(null.auc)) < 0.6
 
 
 # Unlearning methods

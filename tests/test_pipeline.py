@@ -42,13 +42,15 @@ def test_run_erases_subjects_everywhere(workspace, caplog, capfd):
         request("r-3", subjects[2]),
         {"request_id": "r-4", "subject_id": "", "received_at": "2026-01-01T00:00:00Z", "source": "test"},
         request("r-1", subjects[0]),  # duplicate delivery of r-1
+        request("r-5", 999999999),  # no such subject in the dataset
     ])
     summary = nightly_deletion_run(workspace=str(ws.root))
 
     assert summary["status"] == "completed"
-    assert summary["request_count"] == 3
+    assert summary["request_count"] == 4
+    assert summary["no_data_held"] == 1
 
-    # The new data version no longer holds the subjects, and neither do the DVC cache and remote.
+    # Neither the new data version nor the DVC cache and remote contain the subjects.
     from tasks.shards import read_all
 
     assert not set(subjects) & set(read_all(ws.data_dir)["zper"])
@@ -61,7 +63,7 @@ def test_run_erases_subjects_everywhere(workspace, caplog, capfd):
     tags = registry.version_tags(ws, MODEL, "2")
     assert tags["parent_version"] == "1"
     assert tags["batch_id"] == summary["batch_id"]
-    assert tags["request_count"] == "3"
+    assert tags["request_count"] == "4"
     assert tags["data_md5"] == versioning.data_md5(ws)
     assert tags["data_git_rev"] == versioning.head_rev(ws)
     assert tags["method"] in {"neggrad_plus", "retrain"}
@@ -73,7 +75,8 @@ def test_run_erases_subjects_everywhere(workspace, caplog, capfd):
         states = {r.request_id: r.state for r in s.scalars(select(DeletionRequest))}
         reasons = [q.reason for q in s.scalars(select(QuarantinedLine))]
         batch = s.get(Batch, summary["batch_id"])
-    assert states == {"r-1": RequestState.COMPLETED, "r-2": RequestState.COMPLETED, "r-3": RequestState.COMPLETED}
+    assert states == {"r-1": RequestState.COMPLETED, "r-2": RequestState.COMPLETED,
+                      "r-3": RequestState.COMPLETED, "r-5": RequestState.NO_DATA_HELD}
     assert batch.state == BatchState.ACKNOWLEDGED
     assert len(reasons) == 2
     assert any("invalid JSON" in r for r in reasons)
@@ -111,6 +114,15 @@ def test_run_erases_subjects_everywhere(workspace, caplog, capfd):
     assert empty["status"] == "empty"
     assert versioning.head_rev(ws) == rev
     assert registry.all_versions(ws, MODEL) == ["1", "2"]
+
+    # 3rd run with only an unknown subject: the request closes as "no data held", nothing else changes.
+    write_requests(ws, "unknown.jsonl", [request("u-1", 999999998)])
+    unknown = nightly_deletion_run(workspace=str(ws.root))
+    assert unknown["status"] == "no_data_held"
+    assert versioning.head_rev(ws) == rev
+    assert registry.all_versions(ws, MODEL) == ["1", "2"]
+    with ledger.session() as s:
+        assert s.get(DeletionRequest, "u-1").state == RequestState.NO_DATA_HELD
 
 
 def test_failed_gate_registers_retrain(workspace):
