@@ -21,6 +21,8 @@ app = typer.Typer(help="Lethe: erase data subjects from training data, its linea
                   no_args_is_help=True, pretty_exceptions_enable=False)
 request_app = typer.Typer(help="Manage deletion requests.", no_args_is_help=True)
 app.add_typer(request_app, name="request")
+audit_app = typer.Typer(help="Verify the ledger and certificates, and scan the stores for a subject.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 # Piped output (make, CI logs) gets a wide fixed width instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -186,6 +188,95 @@ def lineage(
     console.print(table)
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     console.print(f"Open the MLflow UI on this workspace:\n  {mlflow_bin} ui --backend-store-uri {ws.mlflow_uri} --host 127.0.0.1 --port 5000")
+
+
+@app.command()
+def status(workspace: WorkspaceOption = None,
+           days: Annotated[int, typer.Option(help="Show requests completed in the last DAYS days.")] = 7) -> None:
+    """List pending, overdue and recently completed requests (hashed ids) and the next scheduled run."""
+    from tasks.context import open_ledger
+    from tasks.status import next_scheduled_run, open_requests, recently_completed
+
+    ws = resolve_workspace(workspace)
+    configure_environment(ws)
+    try:
+        ws.require()
+        ledger = open_ledger(ws)
+        pending, completed = open_requests(ledger), recently_completed(ledger, days)
+    except LetheError as exc:
+        fail(exc)
+    table = Table(title=f"Open requests ({len(pending)})")
+    for header in ("request", "subject (hashed)", "state", "received (UTC)", "deadline (UTC)", ""):
+        table.add_column(header, overflow="fold")
+    for row in pending:
+        flag = "[bold red]OVERDUE[/]" if row.overdue else ""
+        table.add_row(row.request_id, row.subject_hash[:16], row.state, f"{row.received_at:%Y-%m-%d %H:%M}",
+                      f"{row.deadline:%Y-%m-%d %H:%M}", flag)
+    console.print(table)
+    done = Table(title=f"Completed in the last {days} days ({len(completed)})")
+    for header in ("request", "subject (hashed)", "state", "completed (UTC)"):
+        done.add_column(header, overflow="fold")
+    for row in completed:
+        done.add_row(row.request_id, row.subject_hash[:16], row.state, f"{row.completed_at:%Y-%m-%d %H:%M}")
+    console.print(done)
+    overdue = sum(r.overdue for r in pending)
+    when, origin = next_scheduled_run()
+    console.print(f"{len(pending)} open, {overdue} overdue. Next scheduled run: "
+                  + (f"{when:%Y-%m-%d %H:%M} UTC ({origin})" if when else f"none ({origin})"))
+
+
+@audit_app.command("verify")
+def audit_verify(workspace: WorkspaceOption = None) -> None:
+    """Check the ledger's hash chain, every row against its journal entry, and every certificate's signature."""
+    from tasks.audit import verify_ledger
+    from tasks.context import open_ledger
+
+    ws = resolve_workspace(workspace)
+    configure_environment(ws)
+    try:
+        ws.require()
+        report = verify_ledger(ws, open_ledger(ws))
+    except LetheError as exc:
+        fail(exc)
+    if report.ok:
+        console.print(f"[green]OK[/]: {report.entries} journal entries chain correctly, every ledger row matches "
+                      f"its entry, and {report.certificates} certificate(s) carry valid signatures.")
+        return
+    for problem in report.problems:
+        err.print(f"[bold red]tampered:[/] {problem}")
+    err.print(f"Verification failed: {len(report.problems)} problem(s) in {ws.root}.")
+    raise typer.Exit(4)
+
+
+@audit_app.command("scan")
+def audit_scan(
+    subject: Annotated[str, typer.Option("--subject", help="Raw subject id to search for (it is not logged).")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Search every store the pipeline writes for a subject's raw id and records; exit 5 on any finding."""
+    from tasks.audit import scan_subject
+    from tasks.context import open_ledger
+
+    ws = resolve_workspace(workspace)
+    configure_environment(ws)
+    try:
+        ws.require()
+        if not subject.strip().isdigit():
+            raise LetheError("--subject must be a decimal subject id (the dataset's zper), for example --subject 125024.")
+        with console.status("Scanning data, DVC cache and remote, MLflow, Prefect, logs, ledger, certificates, queue and git history..."):
+            findings = scan_subject(ws, open_ledger(ws), str(int(subject)))
+    except LetheError as exc:
+        fail(exc)
+    if not findings:
+        console.print("Nothing found: no store holds the subject's id or records.")
+        return
+    table = Table(title=f"{len(findings)} finding(s)")
+    for header in ("store", "location", "what"):
+        table.add_column(header, overflow="fold")
+    for finding in findings:
+        table.add_row(finding.store, finding.location, finding.detail)
+    console.print(table)
+    raise typer.Exit(5)
 
 
 def _pct(value: float | None) -> str:

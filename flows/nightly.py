@@ -6,8 +6,6 @@ Prefect stores flow-run parameters in its database and shows them in the UI.
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from contextlib import contextmanager
 
@@ -15,19 +13,22 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.logs import workspace_log_file
 from tasks import registry
-from tasks.context import RunContext, open_context, recover_interrupted, roll_back_batch
+from tasks.context import RunContext, open_context, roll_back_batch
+from tasks.faults import checkpoint
+from tasks.finish import batch_summary, finish_batch
 from tasks.ingest import ingest_task
-from tasks.publish import acknowledge_task, commit_task, register_task, set_batch
+from tasks.lock import run_lock
+from tasks.publish import commit_task, record_candidate, record_purge, set_batch
 from tasks.purge import purge_task
+from tasks.recovery import recover_interrupted
 from tasks.report import batch_markdown
-from tasks.retire import retire_task
 from tasks.settings import GateSettings
 from tasks.shards import read_all
-from tasks.sources import QueueSource, open_sources, validate_specs
+from tasks.sources import QueueSource, hold_messages, open_sources, validate_specs
 from tasks.unlearn import unlearn_task
 from tasks.validate import validate_data_task
-from flows.logs import workspace_log_file
 
 DEFAULT_SOURCES = ("local",)
 
@@ -44,7 +45,7 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[stage] = round(time.perf_counter() - started, 3)
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 3)
 
 
 @flow(name="nightly_deletion_run", persist_result=False, log_prints=False)
@@ -66,104 +67,102 @@ def nightly_deletion_run(
     validate_specs(sources)
     logger = get_run_logger()
     ctx = open_context(workspace, gates)
-    with workspace_log_file(ctx.ws.log_file):
+    holder = f"flow-run {flow_run.id or 'local'}"
+    with workspace_log_file(ctx.ws.log_file), run_lock(ctx.ledger, holder):
         return _run(ctx, open_sources(sources, ctx.ws), method, logger)
 
 
 def _run(ctx: RunContext, queue_sources: list[QueueSource], method: str | None, logger) -> dict:
-    from models.device import pick_device
-
     timer = StageTimer()
-    recovered = recover_interrupted(ctx)
-    if recovered:
-        logger.warning("Rolled back %d interrupted batch(es): %s", len(recovered), recovered)
+
+    # 0. Recover: roll back batches killed before commit, finish those killed after it.
+    for batch_id, outcome in recover_interrupted(ctx, queue_sources, timer).items():
+        logger.warning("Recovered interrupted batch %s: %s", batch_id, outcome)
 
     # 1. Ingest: open a batch over every pending request.
     with timer("ingest"):
         batch = ingest_task(ctx.ws, ctx.ledger, ctx.hasher, ctx.settings.deadline_days, queue_sources)
+    _warn_near_deadline(ctx, logger)
     if batch.batch_id is None:
         logger.info("No pending requests; nothing to do")
         return {"status": "empty", "quarantined": batch.quarantined, "stage_seconds": timer.seconds}
+    checkpoint("after_ingest")
 
-    champion_version = registry.champion_version(ctx.ws, ctx.settings.model_name)
-    device = pick_device(ctx.settings.unlearn.device)
     try:
-        # 2. Purge: new data version without the batch's subjects (not committed yet).
-        with timer("purge"):
-            purged = purge_task(ctx.ws, batch.subject_hashes, ctx.hasher)
-
-        if purged.rows_removed:
-            # 3. Validate the data, then 4. unlearn with gates and the exact fallback.
-            with timer("validate_data"):
-                data_report = validate_data_task(ctx.ws, ctx.hasher, purged, batch.subject_hashes)
-            if not data_report["success"]:
-                raise RuntimeError("The new data version failed validation; see data_validation.json in the log.")
-            with timer("unlearn"):
-                champion = registry.load_version(ctx.ws, ctx.settings.model_name, champion_version)
-                candidate = unlearn_task(champion, read_all(ctx.ws.data_dir), purged.forget_rows,
-                                         ctx.settings, device, method)
-            with timer("log_candidate"):
-                logged = registry.log_candidate(
-                    ctx.ws, ctx.settings.model_name, candidate.model.cpu(), run_name=batch.batch_id,
-                    params={"method": candidate.method, "batch_id": batch.batch_id,
-                            "parent_version": champion_version, "settings": ctx.settings.model_dump_json()},
-                    metrics=candidate.metrics,
-                    artifacts={"data_validation.json": data_report,
-                               "gates.json": {"attempts": [a.as_dict() for a in candidate.attempts]},
-                               "unlearn_record.json": candidate.record},
-                )
+        _prepare(ctx, batch, queue_sources, method, timer)
     except BaseException as exc:
         roll_back_batch(ctx, batch.batch_id, exc)
         raise
 
-    if not purged.rows_removed:
-        # Every subject was unknown: nothing to erase, so no new data or model version.
-        summary = {"batch_id": batch.batch_id, "status": "no_data_held", "request_count": len(batch.request_ids),
-                   "stage_seconds": timer.seconds}
-        acknowledge_task(ctx, batch, set(), summary, queue_sources)
-        logger.info("Batch %s: no subject held data; %d requests closed", batch.batch_id, len(batch.request_ids))
-        return summary
-
-    # 5. Commit: from here on the erasure is permanent.
+    # 5. Commit: from here on the erasure is permanent and the next run finishes it.
     with timer("commit"):
-        git_rev = commit_task(ctx, batch, purged)
+        commit_task(ctx, batch.batch_id)
+    checkpoint("after_commit")
 
-    # 6. Register: new champion with provenance.
-    with timer("register"):
-        new_version = register_task(ctx, logged, {
-            "parent_version": champion_version, "batch_id": batch.batch_id,
-            "request_count": str(len(batch.request_ids)), "subject_digest": batch.subject_digest,
-            "rows_removed": str(purged.rows_removed), "data_git_rev": git_rev, "data_md5": purged.data_md5_after,
-            "method": candidate.method, "method_reason": candidate.reason,
-            "gates": json.dumps([{"name": g.name, "value": round(g.value, 4), "passed": g.passed} for g in candidate.gates]),
-            "prefect_flow_run_id": str(flow_run.id or ""), "device": str(device), "contains_erased_data": "false",
-        })
-        set_batch(ctx, batch.batch_id, model_version_before=champion_version,
-                  model_version_after=new_version, method=candidate.method)
+    # 6.-8. Register, retire lineage, certify and acknowledge.
+    hold_messages(queue_sources)
+    finish_batch(ctx, batch.batch_id, queue_sources, timer)
 
-    # 7. Retire lineage: tombstone old shard objects, tag old model versions.
-    with timer("retire"):
-        tombstones, retired = retire_task(ctx.ws, ctx.ledger, ctx.settings.model_name, batch.batch_id,
-                                          purged.affected_objects, new_version)
-
-    # 8. Acknowledge: close the requests and publish the summary.
-    summary = {
-        "batch_id": batch.batch_id, "status": "completed", "request_count": len(batch.request_ids),
-        "subject_count": len(batch.subject_hashes), "subject_digest": batch.subject_digest,
-        "no_data_held": len(set(batch.subject_hashes) - purged.found_hashes),
-        "rows_removed": purged.rows_removed, "data_md5_before": purged.data_md5_before,
-        "data_md5_after": purged.data_md5_after, "git_rev": git_rev,
-        "model_version_before": champion_version, "model_version_after": new_version,
-        "method": candidate.method, "method_reason": candidate.reason,
-        "metrics_before": candidate.champion_metrics, "metrics_after": candidate.metrics,
-        "attempts": [a.as_dict() for a in candidate.attempts], "tombstones": tombstones,
-        "retired_versions": retired, "stage_seconds": timer.seconds,
-    }
-    with timer("acknowledge"):
-        acknowledge_task(ctx, batch, purged.found_hashes, summary, queue_sources)
-        create_markdown_artifact(key="erasure-batch", markdown=batch_markdown(summary),
-                                 description=f"Erasure batch {batch.batch_id}")
-    summary["stage_seconds"] = timer.seconds
-    logger.info("Batch %s done: %d rows removed, version %s -> %s via %s",
-                batch.batch_id, purged.rows_removed, champion_version, new_version, candidate.method)
+    summary = batch_summary(ctx, batch.batch_id, timer.seconds)
+    create_markdown_artifact(key="erasure-batch", markdown=batch_markdown(summary),
+                             description=f"Erasure batch {batch.batch_id}")
+    logger.info("Batch %s done: %d rows removed, version %s -> %s via %s", batch.batch_id, summary["rows_removed"],
+                summary["model_version_before"], summary["model_version_after"], summary["method"])
     return summary
+
+
+def _warn_near_deadline(ctx: RunContext, logger) -> None:
+    from tasks.status import DEADLINE_WARNING, near_deadline
+
+    urgent = near_deadline(ctx.ledger)
+    if urgent:
+        logger.warning("%d open request(s) are overdue or within %d days of their deadline: %s", len(urgent),
+                       DEADLINE_WARNING.days, ", ".join(f"{r.request_id} (due {r.deadline:%Y-%m-%d})" for r in urgent[:20]))
+
+
+def _prepare(ctx: RunContext, batch, queue_sources: list[QueueSource], method: str | None, timer) -> None:
+    """Stages 2-4, all rolled back on failure: purge, validate the data, unlearn with gates."""
+    from models.device import pick_device
+
+    champion_version = registry.champion_version(ctx.ws, ctx.settings.model_name)
+    set_batch(ctx, batch.batch_id, model_version_before=champion_version)
+
+    # 2. Purge: new data version without the batch's subjects (not committed yet).
+    with timer("purge"):
+        purged = purge_task(ctx.ws, batch.subject_hashes, ctx.hasher)
+        record_purge(ctx, batch.batch_id, purged)
+    checkpoint("after_purge")
+    hold_messages(queue_sources)
+
+    if not purged.rows_removed:
+        # No subject held data: nothing to unlearn, and no new data or model version.
+        return
+
+    # 3. Validate the new data with Great Expectations.
+    with timer("validate_data"):
+        data_report = validate_data_task(ctx.ws, ctx.hasher, purged, batch.subject_hashes)
+    if not data_report["success"]:
+        raise RuntimeError("The new data version failed validation; see data_validation.json on the MLflow run.")
+
+    # 4. Unlearn with gates and the exact fallback, and log the candidate (not registered yet).
+    device = pick_device(ctx.settings.unlearn.device)
+    with timer("unlearn"):
+        champion = registry.load_version(ctx.ws, ctx.settings.model_name, champion_version)
+        candidate = unlearn_task(champion, read_all(ctx.ws.data_dir), purged.forget_rows, ctx.settings, device, method)
+    with timer("log_candidate"):
+        attempts = [a.as_dict() for a in candidate.attempts]
+        logged = registry.log_candidate(
+            ctx.ws, ctx.settings.model_name, candidate.model.cpu(), run_name=batch.batch_id,
+            params={"method": candidate.method, "batch_id": batch.batch_id,
+                    "parent_version": champion_version, "settings": ctx.settings.model_dump_json()},
+            metrics=candidate.metrics,
+            artifacts={"data_validation.json": data_report, "gates.json": {"attempts": attempts},
+                       "unlearn_record.json": candidate.record},
+        )
+        record_candidate(ctx, batch.batch_id, logged, candidate.method, {
+            "method_reason": candidate.reason,
+            "gates": [{"name": g.name, "value": round(g.value, 4), "passed": g.passed} for g in candidate.gates],
+            "metrics_before": candidate.champion_metrics, "metrics_after": candidate.metrics,
+            "attempts": attempts, "flow_run_id": str(flow_run.id or ""), "device": str(device),
+        })
+    checkpoint("after_unlearn")

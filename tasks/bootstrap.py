@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from tasks import registry, versioning
 from tasks.errors import WorkspaceError
+from tasks.certificate import generate_key_file as generate_signing_key
 from tasks.hashing import generate_key_file
 from tasks.ledger import Ledger
 from tasks.modeling import splits_of, train_config, utility_metrics
-from tasks.settings import WorkspaceSettings
+from tasks.settings import EnvironmentSettings, WorkspaceSettings
 from tasks.shards import materialize, read_all
 from tasks.workspace import Workspace
 
@@ -38,8 +39,13 @@ def create_workspace(ws: Workspace, settings: WorkspaceSettings) -> None:
         "Generated a demo HMAC key at %s. Production must set LETHE_HMAC_KEY from a secret store: "
         "whoever holds the key can test guesses of subject ids against the ledger.", ws.hmac_key_file,
     )
+    generate_signing_key(ws.signing_key_file)
+    log.warning(
+        "Generated a demo Ed25519 signing key for erasure certificates at %s. Production must set "
+        "LETHE_SIGNING_KEY or LETHE_SIGNING_KEY_BLOCK and keep the key out of the workspace.", ws.signing_key_file,
+    )
     settings.save(ws.root)
-    Ledger(ws.ledger_url).dispose()
+    Ledger(EnvironmentSettings().ledger_url or ws.ledger_url).dispose()
 
 
 def commit_initial_data(ws: Workspace, settings: WorkspaceSettings) -> tuple[int, str, str]:

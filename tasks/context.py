@@ -28,8 +28,14 @@ def open_context(workspace: str | None, gates: GateSettings | None = None) -> Ru
     settings = WorkspaceSettings.load(ws.root)
     if gates is not None:
         settings = settings.model_copy(update={"gates": gates})
-    hasher = load_hasher(EnvironmentSettings().hmac_key, ws.hmac_key_file)
-    return RunContext(ws, settings, Ledger(ws.ledger_url), hasher)
+    environment = EnvironmentSettings()
+    hasher = load_hasher(environment.hmac_key, ws.hmac_key_file)
+    return RunContext(ws, settings, Ledger(environment.ledger_url or ws.ledger_url), hasher)
+
+
+def open_ledger(ws: Workspace) -> Ledger:
+    """Open the workspace's ledger, or the one LETHE_LEDGER_URL names."""
+    return Ledger(EnvironmentSettings().ledger_url or ws.ledger_url)
 
 
 def roll_back_batch(ctx: RunContext, batch_id: str, error: BaseException | str) -> None:
@@ -45,14 +51,3 @@ def roll_back_batch(ctx: RunContext, batch_id: str, error: BaseException | str) 
             request.state = RequestState.PENDING
             request.batch_id = None
     log.warning("Rolled back batch %s; its requests are pending again", batch_id)
-
-
-def recover_interrupted(ctx: RunContext) -> list[str]:
-    """Roll back batches that a killed process left open before commit."""
-    # NOTE: a batch killed after commit (committed, registered or retired) is not resumed yet;
-    # its requests stay in_batch and its queue files stay in incoming/.
-    recovered = []
-    for batch in ctx.ledger.open_batches():
-        roll_back_batch(ctx, batch.batch_id, "interrupted before commit; rolled back by the next run")
-        recovered.append(batch.batch_id)
-    return recovered

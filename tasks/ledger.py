@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Integer, String, Text, create_engine, select
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Integer, String, Text, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -36,11 +36,22 @@ class RequestState(str, enum.Enum):
 
 class BatchState(str, enum.Enum):
     OPEN = "open"
+    CANDIDATE = "candidate"
     ROLLED_BACK = "rolled_back"
     COMMITTED = "committed"
     REGISTERED = "registered"
     RETIRED = "retired"
     ACKNOWLEDGED = "acknowledged"
+
+    @property
+    def before_commit(self) -> bool:
+        """A crash in this state is rolled back: the data version was not committed."""
+        return self in (BatchState.OPEN, BatchState.CANDIDATE)
+
+    @property
+    def after_commit(self) -> bool:
+        """A crash in this state is finished by the next run: the erasure is permanent."""
+        return self in (BatchState.COMMITTED, BatchState.REGISTERED, BatchState.RETIRED)
 
 
 class DeletionRequest(Base):
@@ -77,6 +88,11 @@ class Batch(Base):
     model_version_before: Mapped[str | None] = mapped_column(String(32), nullable=True)
     model_version_after: Mapped[str | None] = mapped_column(String(32), nullable=True)
     method: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    candidate_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    candidate_model_uri: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    # relpath -> md5 of the old shard objects that held a batch subject, deleted at retire.
+    affected_objects: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    certificate_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
@@ -102,13 +118,63 @@ class Tombstone(Base):
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+# Columns each journal entry snapshots: what an auditor compares with the live rows.
+AUDITED_COLUMNS = {
+    "requests": ("subject_hash", "source", "source_ref", "received_at", "deadline", "state", "batch_id",
+                 "rows_removed", "completed_at"),
+    "batches": ("state", "request_count", "subject_count", "rows_removed", "subject_digest", "data_md5_before",
+                "data_md5_after", "git_rev_after", "model_version_before", "model_version_after", "method",
+                "certificate_digest", "finished_at"),
+    "quarantine": ("source_ref", "line_number", "reason"),
+    "tombstones": ("batch_id", "object_md5", "relpath", "stores"),
+}
+
+
+def audited_snapshot(row: Base) -> tuple[str, str, dict]:
+    """Return (kind, subject, payload) of the journal entry that records this row's state."""
+    table = row.__tablename__
+    payload = {}
+    for column in AUDITED_COLUMNS[table]:
+        value = getattr(row, column)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, datetime):
+            value = value.replace(tzinfo=None).isoformat(timespec="seconds")
+        payload[column] = value
+    subject = {"requests": lambda: row.request_id, "batches": lambda: row.batch_id,
+               "quarantine": lambda: f"{row.source_ref}#{row.line_number}",
+               "tombstones": lambda: f"{row.batch_id}:{row.object_md5}"}[table]()
+    return table, subject, payload
+
+
+def _journal_changes(session: Session, flush_context, instances) -> None:
+    """Append a journal entry for every audited row this flush inserts or changes."""
+    from tasks.chain import append
+
+    rows = [r for r in list(session.new) + list(session.dirty)
+            if getattr(r, "__tablename__", None) in AUDITED_COLUMNS and session.is_modified(r)]
+    with session.no_autoflush:
+        for row in rows:
+            kind, subject, payload = audited_snapshot(row)
+            append(session, kind, subject, payload)
+
+
 class Ledger:
-    """Session factory over one ledger database; creates the tables on first use."""
+    """Session factory over one ledger database; creates the tables on first use.
+
+    Every insert or change of a request, batch, quarantined line or tombstone also
+    appends an entry to the hash-chained journal, in the same transaction.
+    """
 
     def __init__(self, url: str) -> None:
+        import tasks.chain  # noqa: F401 - registers the journal table on Base.metadata
+        import tasks.lock  # noqa: F401 - registers the run-lock table
+
+        self.url = url
         self.engine = create_engine(url)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "before_flush", _journal_changes)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -33,6 +33,8 @@ class PurgeResult:
     # relpath -> md5 of the old shard objects that held a forgotten subject
     affected_objects: dict[str, str] = field(default_factory=dict)
     found_hashes: set[str] = field(default_factory=set)
+    # hashed subject key -> rows removed for it
+    rows_per_subject: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_after(self) -> int:
@@ -71,7 +73,9 @@ def purge(ws: Workspace, subject_hashes: list[str], hasher: SubjectHasher) -> Pu
 
     forget = pd.concat(forget_parts, ignore_index=True) if forget_parts else pd.DataFrame()
     md5_after = versioning.add_data(ws) if affected else md5_before
-    result = PurgeResult(md5_before, md5_after, rows_before, len(forget), forget, affected, found)
+    rows_per_subject = subject_hashes_of(forget[SUBJECT_KEY], hasher).value_counts().to_dict() if len(forget) else {}
+    result = PurgeResult(md5_before, md5_after, rows_before, len(forget), forget, affected, found,
+                         {str(k): int(v) for k, v in rows_per_subject.items()})
     log.info("Purge: removed %d rows of %d subjects from %d shards; %d subjects held no data",
              result.rows_removed, len(found), len(affected), len(wanted - found))
     return result

@@ -84,19 +84,41 @@ def log_candidate(ws: Workspace, model_name: str, model, run_name: str, params: 
     return LoggedCandidate(run_id=run_id, model_uri=info.model_uri)
 
 
+def find_version_of_run(ws: Workspace, model_name: str, run_id: str) -> str | None:
+    """Return the version already registered from this run, so a resumed batch registers once."""
+    for version in client(ws).search_model_versions(f"name = '{model_name}'"):
+        if version.run_id == run_id:
+            return str(version.version)
+    return None
+
+
 def register(ws: Workspace, model_name: str, candidate: LoggedCandidate, tags: dict[str, str]) -> str:
-    """Register the candidate as a new version, tag its provenance and make it the champion."""
+    """Register the candidate as a new version, tag its provenance and make it the champion.
+
+    Idempotent per candidate run: a version created by an interrupted attempt is reused.
+    The tags are written with the version in one call, so no version lacks its provenance.
+    """
     mlflow_client = client(ws)
     try:
         mlflow_client.get_registered_model(model_name)
     except Exception:  # noqa: BLE001 - MLflow raises RestException/MlflowException by store
         mlflow_client.create_registered_model(model_name, description="Lethe-managed model; see the lethe.* tags for provenance.")
-    version = mlflow_client.create_model_version(model_name, candidate.model_uri, run_id=candidate.run_id)
-    for key, value in tags.items():
-        mlflow_client.set_model_version_tag(model_name, version.version, TAG_PREFIX + key, str(value))
-    mlflow_client.set_registered_model_alias(model_name, CHAMPION, version.version)
-    log.info("Registered %s version %s as %s", model_name, version.version, CHAMPION)
-    return str(version.version)
+    version = find_version_of_run(ws, model_name, candidate.run_id)
+    if version is None:
+        created = mlflow_client.create_model_version(
+            model_name, candidate.model_uri, run_id=candidate.run_id,
+            tags={TAG_PREFIX + key: str(value) for key, value in tags.items()},
+        )
+        version = str(created.version)
+    else:
+        log.info("Found version %s already registered from run %s; reusing it", version, candidate.run_id)
+    mlflow_client.set_registered_model_alias(model_name, CHAMPION, version)
+    log.info("Registered %s version %s as %s", model_name, version, CHAMPION)
+    return version
+
+
+def log_json_artifact(ws: Workspace, run_id: str, payload: dict, name: str) -> None:
+    client(ws).log_dict(run_id, payload, name)
 
 
 def champion_version(ws: Workspace, model_name: str) -> str | None:

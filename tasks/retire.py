@@ -23,7 +23,12 @@ def purge_objects(ws: Workspace, ledger: Ledger, batch_id: str, affected: dict[s
     current = set(versioning.dir_listing(ws, versioning.data_md5(ws)).values())
     tombstones = []
     with ledger.session() as s:
+        done = {t.object_md5 for t in s.query(Tombstone).filter(Tombstone.batch_id == batch_id)}
         for relpath, md5 in sorted(affected.items()):
+            if md5 in done:
+                # Tombstoned by an interrupted attempt at this batch; delete again in case it died mid-way.
+                versioning.delete_object(ws, md5)
+                continue
             if md5 in current:
                 log.warning("Retire: %s object %s is still in the current version; kept", relpath, md5)
                 continue
@@ -41,7 +46,8 @@ def retire_models(ws: Workspace, model_name: str, batch_id: str, new_version: st
         if int(version) >= int(new_version):
             continue
         tags = registry.version_tags(ws, model_name, version)
-        erased_by = ",".join(filter(None, [tags.get("erased_by_batches", ""), batch_id]))
+        batches = [b for b in tags.get("erased_by_batches", "").split(",") if b]
+        erased_by = ",".join(batches if batch_id in batches else [*batches, batch_id])
         registry.tag_version(ws, model_name, version, {
             "contains_erased_data": "true", "retired": "true",
             "erased_by_batches": erased_by, "superseded_by": new_version,

@@ -89,3 +89,4 @@ class EnvironmentSettings(BaseSettings):
 
     workspace: Path | None = Field(None, description="Default workspace when --workspace is not given.")
     hmac_key: str | None = Field(None, description="Secret key of the subject-id HMAC; production must set it.")
+    ledger_url: str | None = Field(None, description="SQLAlchemy URL of the ledger (PostgreSQL in production); default: SQLite in the workspace.")

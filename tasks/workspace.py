@@ -67,6 +67,14 @@ class Workspace:
         return self.state_dir / "secrets" / "hmac.key"
 
     @property
+    def signing_key_file(self) -> Path:
+        return self.state_dir / "secrets" / "signing.key"
+
+    @property
+    def certificates_dir(self) -> Path:
+        return self.state_dir / "certificates"
+
+    @property
     def log_file(self) -> Path:
         return self.state_dir / "logs" / "lethe.log"
 

@@ -77,6 +77,9 @@ class SourceSettings(BaseSettings):
     sqs_visibility_timeout: int | None = Field(
         None, ge=0, le=43200,
         description="Visibility timeout in seconds set on receive; unset keeps the queue's own setting.")
+    sqs_hold_seconds: int = Field(
+        900, ge=1, le=43200,
+        description="Visibility timeout in seconds renewed between stages while a run holds SQS messages.")
 
 
 @dataclass(frozen=True)
@@ -207,3 +210,14 @@ __all__ = [
     "QuarantineRecord", "QueueSource", "QueuedRequest", "SourceSettings", "SourceSpec", "SourceSpecError",
     "acknowledge_sources", "open_sources", "parse_spec", "read_sources", "validate_specs",
 ]
+
+
+def hold_messages(sources: list[QueueSource]) -> int:
+    """Renew the visibility timeout of held SQS messages, so no other consumer receives them mid-run."""
+    seconds = load_source_settings().sqs_hold_seconds
+    extended = 0
+    for source in sources:
+        extend = getattr(source, "extend_visibility", None)
+        if extend is not None:
+            extended += extend(seconds)
+    return extended
