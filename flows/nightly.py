@@ -19,7 +19,7 @@ from tasks.context import RunContext, open_context, roll_back_batch
 from tasks.faults import checkpoint
 from tasks.finish import batch_summary, finish_batch
 from tasks.ingest import ingest_task
-from tasks.lock import run_lock
+from tasks.lock import heartbeat, run_lock
 from tasks.publish import commit_task, record_candidate, record_purge, set_batch
 from tasks.purge import purge_task
 from tasks.recovery import recover_interrupted
@@ -69,10 +69,16 @@ def nightly_deletion_run(
     ctx = open_context(workspace, gates)
     holder = f"flow-run {flow_run.id or 'local'}"
     with workspace_log_file(ctx.ws.log_file), run_lock(ctx.ledger, holder):
-        return _run(ctx, open_sources(sources, ctx.ws), method, logger)
+        return _run(ctx, open_sources(sources, ctx.ws), method, logger, holder)
 
 
-def _run(ctx: RunContext, queue_sources: list[QueueSource], method: str | None, logger) -> dict:
+def _keep_alive(ctx: RunContext, queue_sources: list[QueueSource], holder: str) -> None:
+    """Between stages: renew the lock's heartbeat and the visibility of held SQS messages."""
+    heartbeat(ctx.ledger, holder)
+    hold_messages(queue_sources)
+
+
+def _run(ctx: RunContext, queue_sources: list[QueueSource], method: str | None, logger, holder: str) -> dict:
     timer = StageTimer()
 
     # 0. Recover: roll back batches killed before commit, finish those killed after it.
@@ -89,7 +95,7 @@ def _run(ctx: RunContext, queue_sources: list[QueueSource], method: str | None, 
     checkpoint("after_ingest")
 
     try:
-        _prepare(ctx, batch, queue_sources, method, timer)
+        _prepare(ctx, batch, lambda: _keep_alive(ctx, queue_sources, holder), method, timer)
     except BaseException as exc:
         roll_back_batch(ctx, batch.batch_id, exc)
         raise
@@ -100,7 +106,7 @@ def _run(ctx: RunContext, queue_sources: list[QueueSource], method: str | None, 
     checkpoint("after_commit")
 
     # 6.-8. Register, retire lineage, certify and acknowledge.
-    hold_messages(queue_sources)
+    _keep_alive(ctx, queue_sources, holder)
     finish_batch(ctx, batch.batch_id, queue_sources, timer)
 
     summary = batch_summary(ctx, batch.batch_id, timer.seconds)
@@ -120,7 +126,7 @@ def _warn_near_deadline(ctx: RunContext, logger) -> None:
                        DEADLINE_WARNING.days, ", ".join(f"{r.request_id} (due {r.deadline:%Y-%m-%d})" for r in urgent[:20]))
 
 
-def _prepare(ctx: RunContext, batch, queue_sources: list[QueueSource], method: str | None, timer) -> None:
+def _prepare(ctx: RunContext, batch, keep_alive, method: str | None, timer) -> None:
     """Stages 2-4, all rolled back on failure: purge, validate the data, unlearn with gates."""
     from models.device import pick_device
 
@@ -132,7 +138,7 @@ def _prepare(ctx: RunContext, batch, queue_sources: list[QueueSource], method: s
         purged = purge_task(ctx.ws, batch.subject_hashes, ctx.hasher)
         record_purge(ctx, batch.batch_id, purged)
     checkpoint("after_purge")
-    hold_messages(queue_sources)
+    keep_alive()
 
     if not purged.rows_removed:
         # No subject held data: nothing to unlearn, and no new data or model version.
@@ -143,6 +149,7 @@ def _prepare(ctx: RunContext, batch, queue_sources: list[QueueSource], method: s
         data_report = validate_data_task(ctx.ws, ctx.hasher, purged, batch.subject_hashes)
     if not data_report["success"]:
         raise RuntimeError("The new data version failed validation; see data_validation.json on the MLflow run.")
+    keep_alive()
 
     # 4. Unlearn with gates and the exact fallback, and log the candidate (not registered yet).
     device = pick_device(ctx.settings.unlearn.device)

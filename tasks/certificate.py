@@ -53,7 +53,9 @@ def load_signing_key(key_file: Path):
     if block:
         from prefect.blocks.system import Secret
 
-        return _private_key_from_hex(Secret.load(block).get(), f"Prefect Secret block {block!r}")
+        # Secret.get() parses JSON, which turns an all-digit hex key into an int; read the raw string.
+        raw = Secret.load(block).value.get_secret_value()
+        return _private_key_from_hex(str(raw), f"Prefect Secret block {block!r}")
     if key_file.exists():
         return _private_key_from_hex(key_file.read_text(), str(key_file))
     raise ConfigurationError(f"No signing key: set LETHE_SIGNING_KEY or LETHE_SIGNING_KEY_BLOCK, or restore {key_file}.")

@@ -87,6 +87,14 @@ def acquire(ledger: Ledger, holder: str, name: str = "workspace", stale_after: t
     raise RunLockedError(f"Could not acquire the run lock {name}; another run took it first.")
 
 
+def heartbeat(ledger: Ledger, holder: str, name: str = "workspace") -> None:
+    """Refresh the lock's heartbeat, so a long run is not mistaken for a dead one."""
+    with ledger.session() as s:
+        lock = s.get(RunLock, name)
+        if lock is not None and lock.holder == holder:
+            lock.heartbeat_at = utcnow()
+
+
 def release(ledger: Ledger, holder: str, name: str = "workspace") -> None:
     with ledger.session() as s:
         s.execute(delete(RunLock).where(RunLock.name == name, RunLock.holder == holder))
