@@ -93,50 +93,71 @@ def request_add(
     file: Annotated[Path | None, typer.Option("--file", "-f", help="JSON Lines file of requests (request_id, subject_id, received_at, source).")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Enqueue deletion requests; invalid lines are quarantined with their reason."""
+    """Enqueue deletion requests; invalid lines of a file are quarantined with their reason.
+
+    Exits with code 1 when nothing could be enqueued.
+    """
     import json
 
     from tasks.queue import LocalQueue
-    from tasks.requests import new_request
+    from tasks.requests import decode_file, new_request, parse_line
 
     ws = resolve_workspace(workspace)
     try:
         ws.require()
         if not subject_ids and file is None:
             raise LetheError("Give subject ids or --file requests.jsonl.")
-        lines = [json.dumps(new_request(sid)) for sid in subject_ids or []]
+        typed = [json.dumps(new_request(sid)) for sid in subject_ids or []]
+        for position, line in enumerate(typed, start=1):
+            try:
+                parse_line(line)
+            except ValueError as exc:
+                raise LetheError(f"Subject id argument {position} is invalid ({exc}); nothing was enqueued.") from None
+        if file is not None and not file.exists():
+            raise LetheError(f"Request file {file} not found.")
+        if file is not None and not file.is_file():
+            raise LetheError(f"{file} is not a file; give the path of a JSON Lines file.")
+        queue = LocalQueue(ws)
+        accepted, quarantined, written = 0, [], []
+        if typed:
+            path, _, count = queue.enqueue_lines(typed, origin="cli")
+            accepted += count
+            written.append(path)
         if file is not None:
-            if not file.is_file():
-                raise LetheError(f"Request file {file} not found.")
-            from tasks.requests import decode_file
-
-            lines += decode_file(file.read_bytes())
-        path, quarantined, accepted = LocalQueue(ws).enqueue_lines(lines)
+            path, quarantined, count = queue.enqueue_lines(decode_file(file.read_bytes()), origin=file.name)
+            accepted += count
+            written.append(path)
     except LetheError as exc:
         fail(exc)
-    for record in quarantined:
-        err.print(f"[yellow]quarantined[/] line {record.line_number}: {record.reason}")
-    console.print(f"Enqueued {accepted} request(s)" + (f" in {path.relative_to(ws.root)}" if path else "")
-                  + (f"; {len(quarantined)} quarantined in {ws.quarantine_dir.relative_to(ws.root)}/" if quarantined else ""))
+    names = ", ".join(str(p.relative_to(ws.root)) for p in written if p)
+    console.print(f"Enqueued {accepted} request(s)" + (f" in {names}" if names else ""))
+    if quarantined:
+        console.print(f"Quarantined {len(quarantined)} line(s) of {file.name} with their reasons in "
+                      f"{ws.quarantine_dir.relative_to(ws.root)}/{quarantined[0].source_ref}")
+    if accepted == 0:
+        raise typer.Exit(1)
 
 
 @app.command()
 def run(
     workspace: WorkspaceOption = None,
-    method: Annotated[str | None, typer.Option(help="Unlearning method tried first (default: the workspace setting).")] = None,
+    method: Annotated[str | None, typer.Option(help="Unlearning method tried first (default: the workspace setting); see `lethe methods`.")] = None,
+    sources: Annotated[list[str] | None, typer.Option("--source", help="Queue source to read, repeatable: local, s3://BUCKET/PREFIX/, sqs://QUEUE or a queue URL (default: local).")] = None,
 ) -> None:
     """Run the nightly deletion flow once, now."""
+    from tasks.context import check_run_inputs
+
     ws = resolve_workspace(workspace)
     configure_environment(ws)
     try:
-        ws.require()
+        check_run_inputs(ws, method, sources or ["local"])
     except LetheError as exc:
         fail(exc)
     from flows.nightly import nightly_deletion_run
 
     started = time.perf_counter()
     try:
-        summary = nightly_deletion_run(workspace=str(ws.root), method=method)
+        summary = nightly_deletion_run(workspace=str(ws.root), method=method, sources=sources or ["local"])
     except LetheError as exc:
         fail(exc)
     elapsed = time.perf_counter() - started
@@ -155,6 +176,15 @@ def run(
     for stage, seconds in summary["stage_seconds"].items():
         table.add_row(stage, f"{seconds:.2f}")
     console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the unlearning methods that `--method` and `lethe.json` accept."""
+    from models.unlearning import METHODS
+
+    for name in sorted(METHODS):
+        console.print(name)
 
 
 @app.command()

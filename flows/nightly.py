@@ -15,9 +15,9 @@ from prefect.runtime import flow_run
 
 from flows.logs import workspace_log_file
 from tasks import registry
-from tasks.context import RunContext, open_context, roll_back_batch
+from tasks.context import RunContext, open_context, roll_back_batch, validate_method
 from tasks.faults import checkpoint
-from tasks.finish import batch_summary, finish_batch
+from tasks.finish import batch_summary, finish_batch, seal_ledger
 from tasks.ingest import ingest_task
 from tasks.lock import heartbeat, run_lock
 from tasks.publish import commit_task, record_candidate, record_purge, set_batch
@@ -67,9 +67,12 @@ def nightly_deletion_run(
     validate_specs(sources)
     logger = get_run_logger()
     ctx = open_context(workspace, gates)
+    validate_method(method or ctx.settings.unlearn.method)
     holder = f"flow-run {flow_run.id or 'local'}"
     with workspace_log_file(ctx.ws.log_file), run_lock(ctx.ledger, holder):
-        return _run(ctx, open_sources(sources, ctx.ws), method, logger, holder)
+        summary = _run(ctx, open_sources(sources, ctx.ws), method, logger, holder)
+        seal_ledger(ctx)
+        return summary
 
 
 def _keep_alive(ctx: RunContext, queue_sources: list[QueueSource], holder: str) -> None:

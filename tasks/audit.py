@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import inspect, select, text
+from sqlalchemy.orm import Session
 
 from tasks.certificate import load_signing_key, public_key_hex, verify
 from tasks.chain import LedgerEntry, canonical, latest_payloads, verify_chain
@@ -35,6 +36,44 @@ class VerifyReport:
         return not self.problems
 
 
+def _load_rows(session, model) -> tuple[list, list[str]]:
+    """Load every row of a table; rows whose stored values no longer map to the model are listed by key."""
+    try:
+        return list(session.scalars(select(model))), []
+    except LookupError:
+        # An enum column holds a value that is not a state: find the rows one by one.
+        session.rollback()
+    key = inspect(model).primary_key[0]
+    rows, unreadable = [], []
+    for (value,) in session.execute(select(key)):
+        try:
+            rows.append(session.scalars(select(model).where(key == value)).one())
+        except LookupError:
+            session.rollback()
+            unreadable.append(str(value))
+    return rows, unreadable
+
+
+def _verify_seals(ws: Workspace, heads: dict[int, str]) -> list[str]:
+    """Every ledger seal must carry a valid signature and match the journal entry it sealed."""
+    problems = []
+    key = trusted_public_key(ws)
+    for path in sorted(ws.seals_dir.glob("seal-*.json")) if ws.seals_dir.exists() else []:
+        try:
+            envelope = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            problems.append(f"seal {path.name}: not valid JSON")
+            continue
+        reason = verify(envelope, key)
+        if reason:
+            problems.append(f"seal {path.name}: {reason}")
+            continue
+        body = envelope["certificate"]
+        if heads.get(body.get("seq")) != body.get("entry_hash"):
+            problems.append(f"seal {path.name}: journal entry {body.get('seq')} was changed or removed after it was sealed")
+    return problems
+
+
 def trusted_public_key(ws: Workspace) -> str:
     """The key certificates must be signed with: LETHE_SIGNING_PUBLIC_KEY, else the signing key's own."""
     configured = os.environ.get("LETHE_SIGNING_PUBLIC_KEY")
@@ -44,14 +83,18 @@ def trusted_public_key(ws: Workspace) -> str:
 def verify_ledger(ws: Workspace, ledger: Ledger) -> VerifyReport:
     """Check the chain, that every audited row matches its latest journal entry, and every certificate."""
     problems: list[str] = []
-    with ledger.session() as s:
+    # A plain read-only session: rows that fail to load are rolled back and retried one by one.
+    with Session(ledger.engine) as s:
         count, chain_problems = verify_chain(s)
         problems += [f"journal entry {p.seq}: {p.message}" for p in chain_problems]
 
         for table, model in _models().items():
             journal = latest_payloads(s, table)
             seen = set()
-            for row in s.scalars(select(model)):
+            rows, unreadable = _load_rows(s, model)
+            problems += [f"{table} row {key}: holds a value outside its allowed set (edited outside Lethe)" for key in unreadable]
+            seen |= set(unreadable)
+            for row in rows:
                 _, subject, payload = audited_snapshot(row)
                 seen.add(subject)
                 recorded = journal.get(subject)
@@ -64,6 +107,7 @@ def verify_ledger(ws: Workspace, ledger: Ledger) -> VerifyReport:
                 problems.append(f"{table} row {subject}: in the journal but missing from the table (deleted)")
 
         heads = {e.seq: e.entry_hash for e in s.scalars(select(LedgerEntry))}
+        problems += _verify_seals(ws, heads)
         batches = list(s.scalars(select(Batch).where(Batch.state == BatchState.ACKNOWLEDGED)))
 
     certificates = 0

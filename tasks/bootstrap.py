@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tasks import registry, versioning
 from tasks.errors import WorkspaceError
 from tasks.certificate import generate_key_file as generate_signing_key
-from tasks.hashing import generate_key_file
+from tasks.hashing import generate_key_file, load_hasher
 from tasks.ledger import Ledger
 from tasks.modeling import splits_of, train_config, utility_metrics
 from tasks.settings import EnvironmentSettings, WorkspaceSettings
@@ -29,23 +29,30 @@ class BootstrapResult:
 
 def create_workspace(ws: Workspace, settings: WorkspaceSettings) -> None:
     """Lay out a new workspace; refuse a directory that already holds files."""
+    if ws.root.exists() and not ws.root.is_dir():
+        raise WorkspaceError(f"{ws.root} is a file, not a directory. Pick a new directory for the workspace.")
     if ws.root.exists() and any(ws.root.iterdir()):
         raise WorkspaceError(f"{ws.root} exists and is not empty. Pick a new directory or remove it first.")
     ws.root.mkdir(parents=True, exist_ok=True)
     ws.make_dirs()
     versioning.init_repository(ws)
-    generate_key_file(ws.hmac_key_file)
-    log.warning(
-        "Generated a demo HMAC key at %s. Production must set LETHE_HMAC_KEY from a secret store: "
-        "whoever holds the key can test guesses of subject ids against the ledger.", ws.hmac_key_file,
-    )
+    environment = EnvironmentSettings()
+    if environment.hmac_key:
+        load_hasher(environment.hmac_key, ws.hmac_key_file)  # validates it before anything is written
+        log.info("Using the HMAC key from LETHE_HMAC_KEY; no key file is written")
+    else:
+        generate_key_file(ws.hmac_key_file)
+        log.warning(
+            "Generated a demo HMAC key at %s. Production must set LETHE_HMAC_KEY from a secret store: "
+            "whoever holds the key can test guesses of subject ids against the ledger.", ws.hmac_key_file,
+        )
     generate_signing_key(ws.signing_key_file)
     log.warning(
         "Generated a demo Ed25519 signing key for erasure certificates at %s. Production must set "
         "LETHE_SIGNING_KEY or LETHE_SIGNING_KEY_BLOCK and keep the key out of the workspace.", ws.signing_key_file,
     )
     settings.save(ws.root)
-    Ledger(EnvironmentSettings().ledger_url or ws.ledger_url).dispose()
+    Ledger(environment.ledger_url or ws.ledger_url).dispose()
 
 
 def commit_initial_data(ws: Workspace, settings: WorkspaceSettings) -> tuple[int, str, str]:

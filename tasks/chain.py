@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -44,8 +44,10 @@ def entry_digest(seq: int, recorded_at: str, kind: str, subject: str, payload: s
 
 
 def _timestamp(value: datetime) -> str:
-    # SQLite drops the zone on read; hash the UTC wall time without it so both reads agree.
-    return value.replace(tzinfo=None).isoformat(timespec="microseconds")
+    """Format as naive UTC: SQLite returns naive UTC, PostgreSQL aware values in the session's zone."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(timespec="microseconds")
 
 
 def append(session: Session, kind: str, subject: str, payload: dict) -> LedgerEntry:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from tasks import versioning
+from tasks.errors import ConfigurationError
 from tasks.hashing import SubjectHasher, load_hasher
 from tasks.ledger import Batch, BatchState, DeletionRequest, Ledger, RequestState, utcnow
 from tasks.settings import EnvironmentSettings, GateSettings, WorkspaceSettings
@@ -42,6 +43,7 @@ def roll_back_batch(ctx: RunContext, batch_id: str, error: BaseException | str) 
     """Restore the committed data version and return the batch's requests to pending."""
     if versioning.has_uncommitted_data(ctx.ws):
         versioning.rollback_data(ctx.ws)
+    versioning.delete_orphans(ctx.ws)
     with ctx.ledger.session() as s:
         batch = s.get(Batch, batch_id)
         batch.state = BatchState.ROLLED_BACK
@@ -51,3 +53,23 @@ def roll_back_batch(ctx: RunContext, batch_id: str, error: BaseException | str) 
             request.state = RequestState.PENDING
             request.batch_id = None
     log.warning("Rolled back batch %s; its requests are pending again", batch_id)
+
+
+def check_run_inputs(ws: Workspace, method: str | None, sources: list[str]) -> None:
+    """Validate a run's inputs before any work starts, so a typo fails in a second, not after the purge."""
+    from tasks.sources import validate_specs
+
+    ws.require()
+    settings = WorkspaceSettings.load(ws.root)
+    environment = EnvironmentSettings()
+    load_hasher(environment.hmac_key, ws.hmac_key_file)
+    validate_method(method or settings.unlearn.method)
+    validate_method(settings.unlearn.fallback)
+    validate_specs(sources)
+
+
+def validate_method(name: str) -> None:
+    from models.unlearning import METHODS
+
+    if name not in METHODS:
+        raise ConfigurationError(f"Unknown unlearning method {name!r}; valid methods: {', '.join(sorted(METHODS))}.")

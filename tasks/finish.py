@@ -103,7 +103,9 @@ def acknowledge_batch(ctx: RunContext, batch_id: str, sources: list[QueueSource]
     now = utcnow()
     with ctx.ledger.session() as s:
         refs = set()
+        closed = 0
         for request in s.query(DeletionRequest).filter(DeletionRequest.batch_id == batch_id):
+            closed += 1
             if not request.state.is_closed:
                 request.state = RequestState.COMPLETED if request.rows_removed else RequestState.NO_DATA_HELD
                 request.completed_at = now
@@ -112,7 +114,7 @@ def acknowledge_batch(ctx: RunContext, batch_id: str, sources: list[QueueSource]
         batch.state = BatchState.ACKNOWLEDGED
         batch.finished_at = now
     acknowledged = acknowledge_sources(sources, refs, ctx.hasher)
-    log.info("Acknowledge: %d requests closed, %d queue items acknowledged", len(refs), acknowledged)
+    log.info("Acknowledge: %d requests closed, %d queue items acknowledged", closed, acknowledged)
     return acknowledged
 
 
@@ -157,3 +159,26 @@ def batch_summary(ctx: RunContext, batch_id: str, stage_seconds: dict[str, float
         "attempts": stored.get("attempts", []), "tombstones": tombstones,
         "certificate_digest": batch.certificate_digest, "stage_seconds": stage_seconds,
     }
+
+
+def seal_ledger(ctx: RunContext) -> dict | None:
+    """Sign the journal head at the end of a run, unless an earlier seal already covers it.
+
+    A certificate anchors the head at issue time; the entries written after it (closing
+    the requests, the certificate digest) are covered by this seal, so rewriting them
+    and recomputing their hashes is detected too.
+    """
+    with ctx.ledger.session() as s:
+        head = s.query(LedgerEntry).order_by(LedgerEntry.seq.desc()).first()
+    if head is None:
+        return None
+    path = ctx.ws.seals_dir / f"seal-{head.seq:010d}.json"
+    if path.exists():
+        return None
+    body = {"type": "lethe.ledger-seal", "version": 1, "seq": head.seq, "entry_hash": head.entry_hash,
+            "sealed_at": utcnow().isoformat(timespec="seconds")}
+    envelope = sign(body, load_signing_key(ctx.ws.signing_key_file))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
+    log.info("Sealed the ledger journal at entry %d", head.seq)
+    return envelope

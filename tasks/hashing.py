@@ -50,7 +50,10 @@ def generate_key_file(path: Path) -> None:
 def load_hasher(env_key: str | None, key_file: Path) -> SubjectHasher:
     """Build the hasher from LETHE_HMAC_KEY, else from the workspace's demo key file."""
     if env_key:
-        return SubjectHasher(env_key.encode("utf-8"))
+        try:
+            return SubjectHasher(env_key.encode("utf-8"))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"LETHE_HMAC_KEY is invalid: {exc}") from None
     if key_file.exists():
         log.debug("Using the workspace HMAC key at %s", key_file)
         return SubjectHasher(key_file.read_text().strip().encode("utf-8"))

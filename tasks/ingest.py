@@ -61,7 +61,15 @@ def ingest(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: 
             s.add(QuarantinedLine(source_ref=record.source_ref, line_number=record.line_number, reason=record.reason))
         for item in queued:
             request = item.request
-            existing = s.get(DeletionRequest, request.request_id)
+            subject_hash = hasher.hash(request.subject_id)
+            request_id = request.request_id
+            existing = s.get(DeletionRequest, request_id)
+            if existing is not None and existing.subject_hash != subject_hash:
+                # A producer reused an id for another subject. Dropping it would lose an erasure,
+                # so it is recorded under an id derived from both, which is stable across redeliveries.
+                request_id = f"{request.request_id[:100]}~{subject_hash[:12]}"
+                log.error("Request id %s was reused for a different subject; recorded as %s", request.request_id, request_id)
+                existing = s.get(DeletionRequest, request_id)
             if existing is not None:
                 # Same request delivered again: keep the first record, acknowledge the file later.
                 result.duplicates += 1
@@ -70,8 +78,8 @@ def ingest(ws: Workspace, ledger: Ledger, hasher: SubjectHasher, deadline_days: 
                     result.source_refs.add(item.source_ref)
                 continue
             s.add(DeletionRequest(
-                request_id=request.request_id,
-                subject_hash=hasher.hash(request.subject_id),
+                request_id=request_id,
+                subject_hash=subject_hash,
                 source=request.source,
                 source_ref=item.source_ref,
                 received_at=request.received_at,

@@ -139,7 +139,10 @@ def audited_snapshot(row: Base) -> tuple[str, str, dict]:
         if isinstance(value, enum.Enum):
             value = value.value
         elif isinstance(value, datetime):
-            value = value.replace(tzinfo=None).isoformat(timespec="seconds")
+            # Naive UTC, whatever zone the database session returns aware values in.
+            if value.tzinfo is not None:
+                value = value.astimezone(UTC).replace(tzinfo=None)
+            value = value.isoformat(timespec="seconds")
         payload[column] = value
     subject = {"requests": lambda: row.request_id, "batches": lambda: row.batch_id,
                "quarantine": lambda: f"{row.source_ref}#{row.line_number}",

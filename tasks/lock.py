@@ -22,8 +22,8 @@ from tasks.ledger import Base, Ledger, utcnow
 
 log = logging.getLogger("lethe.lock")
 
-# A nightly run on the default data takes about a minute; a lock untouched for
-# this long belongs to a run that is not coming back.
+# A nightly run on the default data takes about a minute, and runs renew the
+# heartbeat between stages. A lock untouched for six hours belongs to a dead run.
 DEFAULT_STALE_AFTER = timedelta(hours=6)
 
 

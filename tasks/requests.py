@@ -7,6 +7,7 @@ the offending value, so a reason can be logged and stored without leaking a subj
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,19 @@ MAX_LINE_BYTES = 4096
 # Clocks of request producers drift; a request stamped more than this far in the
 # future is a bug upstream, not a real receipt time.
 MAX_CLOCK_SKEW = timedelta(hours=1)
+# Erasure deadlines are weeks, so a receipt time years back is a producer bug (a zeroed
+# or epoch timestamp), not a real backlog; quarantine lets a person check it.
+MAX_REQUEST_AGE = timedelta(days=5 * 365)
+
+# pydantic also reads a string of digits as Unix time; an ISO 8601 date starts YYYY-MM-DD.
+ISO_DATE_START = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ]|$)")
+
+# Human-readable rules for pattern fields, used in place of pydantic's regex messages.
+FIELD_RULES = {
+    "request_id": "must be 1 to 128 characters of letters, digits and . _ : -, starting with a letter or digit",
+    "subject_id": "must be a decimal integer of 1 to 18 digits (the dataset's subject key)",
+    "source": "must be 1 to 64 printable ASCII characters",
+}
 
 
 class RequestLine(BaseModel):
@@ -46,14 +60,28 @@ class RequestLine(BaseModel):
     def _canonical(cls, value: str) -> str:
         return str(int(value))
 
+    @field_validator("received_at", mode="before")
+    @classmethod
+    def _iso_text_only(cls, value: object) -> object:
+        # pydantic would read a number as Unix seconds; the format is ISO 8601 text only.
+        if not isinstance(value, str) or not ISO_DATE_START.match(value.strip()):
+            raise ValueError("must be an ISO 8601 string with a time zone, for example 2026-12-01T09:30:00Z")
+        return value
+
     @field_validator("received_at")
     @classmethod
-    def _aware_and_not_future(cls, value: datetime) -> datetime:
+    def _aware_and_plausible(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError("timestamp must carry a time zone, for example 2026-12-01T09:30:00Z")
-        value = value.astimezone(UTC)
-        if value > datetime.now(UTC) + MAX_CLOCK_SKEW:
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("timestamp is out of range") from None
+        now = datetime.now(UTC)
+        if value > now + MAX_CLOCK_SKEW:
             raise ValueError("timestamp is in the future")
+        if value < now - MAX_REQUEST_AGE:
+            raise ValueError(f"timestamp is more than {MAX_REQUEST_AGE.days} days in the past; check the producer's clock")
         return value
 
 
@@ -71,9 +99,27 @@ def describe_validation_error(error: ValidationError) -> str:
         field = ".".join(str(p) for p in item["loc"]) or "line"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
+            # The field name is input text too, so it is left out of the reason.
+            field = "line"
             message = "unexpected field (allowed: request_id, subject_id, received_at, source)"
+        elif item["type"] == "string_pattern_mismatch" and field in FIELD_RULES:
+            message = FIELD_RULES[field]
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
         parts.append(f"{field}: {message}")
     return "; ".join(parts)
+
+
+class DuplicateKeyError(ValueError):
+    pass
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal keys, so a line naming two subjects would silently lose one.
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise DuplicateKeyError("a field appears twice in one object")
+    return dict(pairs)
 
 
 def parse_line(text: str) -> RequestLine:
@@ -85,9 +131,11 @@ def parse_line(text: str) -> RequestLine:
     if size > MAX_LINE_BYTES:
         raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
     try:
-        payload = json.loads(text)
+        payload = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except DuplicateKeyError as exc:
+        raise ValueError(f"invalid request: {exc}") from None
     if not isinstance(payload, dict):
         raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
     try:
@@ -111,8 +159,17 @@ def parse_lines(lines: Iterable[str]) -> tuple[list[RequestLine], list[Quarantin
 
 
 def decode_file(data: bytes) -> list[str]:
-    """Decode a JSON Lines file as UTF-8; undecodable lines are kept for quarantine."""
-    return data.decode("utf-8", errors="surrogateescape").splitlines()
+    """Decode a JSON Lines file as UTF-8 into lines; undecodable lines are kept for quarantine.
+
+    Splits on "\n" only (with "\r\n" accepted), because `str.splitlines` also splits on
+    characters such as U+2028 that JSON allows inside strings. A leading UTF-8 byte order
+    mark, as some editors write it, is dropped.
+    """
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def new_request(subject_id: str, source: str = "cli") -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.errors import WorkspaceError
@@ -79,7 +79,13 @@ class WorkspaceSettings(BaseModel):
         path = root / SETTINGS_FILE
         if not path.exists():
             raise WorkspaceError(f"{path} not found: {root} is not a Lethe workspace. Create one with `lethe init --workspace {root}`.")
-        return cls.model_validate(json.loads(path.read_text()))
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise WorkspaceError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or restore it from git.") from None
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+            raise WorkspaceError(f"{path} has invalid settings: {fields}.") from None
 
 
 class EnvironmentSettings(BaseSettings):

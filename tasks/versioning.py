@@ -134,3 +134,39 @@ def delete_object(ws: Workspace, md5: str) -> list[str]:
             path.unlink()
             removed.append(store)
     return removed
+
+
+def committed_objects(ws: Workspace) -> set[str]:
+    """Every object md5 that a committed data version references (directory objects included)."""
+    referenced: set[str] = set()
+    for rev in git(ws, "log", "--format=%H", "--", "data.dvc").split():
+        dir_md5 = data_md5(ws, rev)
+        referenced.add(dir_md5)
+        try:
+            referenced |= set(dir_listing(ws, dir_md5).values())
+        except WorkspaceError:
+            continue  # the listing of a version whose objects were all tombstoned
+    return referenced
+
+
+def delete_orphans(ws: Workspace) -> list[str]:
+    """Delete cached objects that no committed data version references.
+
+    A rolled-back purge leaves the new shards of its uncommitted version in the cache.
+    Nothing points to them, so a later erasure would never tombstone them, and they may
+    hold subjects that a later batch erases.
+    """
+    referenced = committed_objects(ws)
+    removed = []
+    for store, root in object_stores(ws).items():
+        base = root / "files" / "md5"
+        if not base.exists():
+            continue
+        for path in base.glob("*/*"):
+            md5 = path.parent.name + path.name
+            if md5 not in referenced:
+                path.chmod(0o600)
+                path.unlink()
+                removed.append(md5)
+                log.info("Deleted orphaned object %s from %s", md5, store)
+    return removed

@@ -75,6 +75,10 @@ class Workspace:
         return self.state_dir / "certificates"
 
     @property
+    def seals_dir(self) -> Path:
+        return self.state_dir / "seals"
+
+    @property
     def log_file(self) -> Path:
         return self.state_dir / "logs" / "lethe.log"
 

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from typer.testing import CliRunner
 
 from flows.cli import app
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def restore_environment(monkeypatch):
+    """The CLI sets Prefect and MLflow variables in os.environ; undo them after each test."""
+    for name in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
+                 "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "MLFLOW_CONFIGURE_LOGGING", "GIT_PYTHON_REFRESH"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
 
 
 def test_help_lists_commands():
@@ -41,11 +55,34 @@ def test_request_add_quarantines_invalid_lines(workspace, tmp_path):
     result = runner.invoke(app, ["request", "add", "125133", "--file", str(requests), "--workspace", str(workspace.root)])
     assert result.exit_code == 0, result.output
     assert "Enqueued 2 request(s)" in result.output
-    assert "invalid JSON" in result.output
-    incoming = list(workspace.incoming_dir.glob("*.jsonl"))
-    assert len(incoming) == 1
-    assert len(incoming[0].read_text().splitlines()) == 2
-    assert len(list(workspace.quarantine_dir.glob("*.jsonl"))) == 1
+    assert "Quarantined 1 line(s) of requests.jsonl" in result.output
+    incoming = sorted(workspace.incoming_dir.glob("*.jsonl"))
+    assert [p.name.split("-")[0] for p in incoming] == ["cli", "requests"]
+    assert [len(p.read_text().splitlines()) for p in incoming] == [1, 1]
+    quarantined = list(workspace.quarantine_dir.glob("requests-*.jsonl"))
+    assert len(quarantined) == 1
+    assert "invalid JSON" in quarantined[0].read_text()
+
+
+def test_request_add_all_invalid_exits_1(workspace, tmp_path):
+    requests = tmp_path / "bad.jsonl"
+    requests.write_text("{broken\n")
+    result = runner.invoke(app, ["request", "add", "--file", str(requests), "--workspace", str(workspace.root)])
+    assert result.exit_code == 1
+    assert "Enqueued 0 request(s)" in result.output
+
+
+def test_request_add_rejects_bad_typed_id(workspace):
+    result = runner.invoke(app, ["request", "add", "125133", "12x", "--workspace", str(workspace.root)])
+    assert result.exit_code == 1
+    assert "argument 2 is invalid" in result.output
+    assert list(workspace.incoming_dir.glob("*.jsonl")) == []
+
+
+def test_run_rejects_unknown_method(workspace):
+    result = runner.invoke(app, ["run", "--method", "bogus", "--workspace", str(workspace.root)])
+    assert result.exit_code == 2
+    assert "valid methods" in result.output
 
 
 def test_request_add_without_ids_fails(workspace):

@@ -92,7 +92,7 @@ def assert_consistent(ws, requested: dict[str, int]) -> None:
     assert not versioning.has_uncommitted_data(ws)
     assert not set(requested.values()) & subjects_in_objects([ws.data_dir, ws.dvc_cache_dir, ws.dvc_remote_dir])
 
-    # The queue holds nothing pending, and the ledger's chain and certificates verify.
+    # No request is left in the queue, and the ledger's chain and certificates verify.
     assert list(ws.incoming_dir.glob("*.jsonl")) == []
     report = verify_ledger(ws, ledger)
     assert report.problems == []

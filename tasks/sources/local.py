@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,8 +30,10 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _new_name() -> str:
-    return f"requests-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
+def _new_name(origin: str | None = None) -> str:
+    """Name a new queue file after the file it came from, so quarantine records stay traceable."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(origin).stem)[:60] if origin else "requests"
+    return f"{stem}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
 
 
 class LocalQueue:
@@ -53,10 +56,13 @@ class LocalQueue:
             log.warning("Quarantined line %d of %s: %s", item.line_number, source_ref, item.reason)
         return [QuarantineRecord(source_ref, item.line_number, item.reason) for item in lines]
 
-    def enqueue_lines(self, lines: list[str]) -> tuple[Path | None, list[QuarantineRecord], int]:
-        """Validate lines, quarantine the invalid ones and write the valid ones as a new incoming file."""
+    def enqueue_lines(self, lines: list[str], origin: str | None = None) -> tuple[Path | None, list[QuarantineRecord], int]:
+        """Validate lines, quarantine the invalid ones and write the valid ones as a new incoming file.
+
+        `origin` names the file the lines came from; the queue and quarantine files reuse its stem.
+        """
         valid, invalid = parse_lines(lines)
-        name = _new_name()
+        name = _new_name(origin)
         records = self._quarantine(name, invalid)
         if not valid:
             return None, records, 0
@@ -69,7 +75,8 @@ class LocalQueue:
         """Read every incoming file; invalid lines move to quarantine, the file keeps the valid ones."""
         requests: list[QueuedRequest] = []
         quarantined: list[QuarantineRecord] = []
-        for path in sorted(self.ws.incoming_dir.glob("*.jsonl")):
+        quarantined += self._quarantine_unreadable_files()
+        for path in sorted(p for p in self.ws.incoming_dir.glob("*") if p.is_file() and p.suffix == ".jsonl"):
             lines = decode_file(path.read_bytes())
             valid, invalid = parse_lines(lines)
             if invalid:
@@ -77,6 +84,20 @@ class LocalQueue:
                 _atomic_write(path, "".join(r.model_dump_json() + "\n" for r in valid))
             requests += [QueuedRequest(r, path.name) for r in valid]
         return requests, quarantined
+
+    def _quarantine_unreadable_files(self) -> list[QuarantineRecord]:
+        """Move files the queue cannot read (no `.jsonl` suffix) to quarantine whole, with a reason."""
+        records = []
+        for path in sorted(self.ws.incoming_dir.glob("*")):
+            if not path.is_file() or path.suffix == ".jsonl" or path.name.startswith("."):
+                continue
+            reason = "not a JSON Lines file: queue files must end in .jsonl"
+            self.ws.quarantine_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(path, self.ws.quarantine_dir / path.name)
+            (self.ws.quarantine_dir / f"{path.name}.reason.txt").write_text(reason + "\n")
+            log.warning("Quarantined file %s: %s", path.name, reason)
+            records.append(QuarantineRecord(path.name, 0, reason))
+        return records
 
     def acknowledge(self, source_refs: set[str], hasher: SubjectHasher) -> int:
         """Move processed files to done/, replacing each subject id with its keyed hash."""
