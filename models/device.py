@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 
@@ -34,3 +35,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Return a bfloat16 autocast context on CUDA and a no-op context on any other device.
+
+    Training loops wrap their forward passes in it, so one code path runs in mixed
+    precision on a GPU and in float32 on the CPU. bfloat16 has float32's exponent
+    range, so no gradient scaler is needed.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

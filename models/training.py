@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from models.batching import shuffled_batches, split_tensors
 from models.data import Split
-from models.device import seed_everything
+from models.device import autocast, seed_everything
 from models.network import TabularMLP
 
 logger = logging.getLogger(__name__)
@@ -67,13 +67,17 @@ def train_one_epoch(
     batch_size: int,
     generator: torch.Generator,
 ) -> int:
-    """Run one shuffled pass of cross-entropy minimization and return the number of optimizer steps."""
+    """Run one shuffled pass of cross-entropy minimization and return the number of optimizer steps.
+
+    The forward pass runs under bfloat16 autocast on CUDA and in float32 elsewhere.
+    """
     model.train()
     batches = shuffled_batches(len(y), batch_size, generator)
     for rows in batches:
         rows = rows.to(x.device)
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x[rows]), y[rows])
+        with autocast(x.device):
+            loss = F.cross_entropy(model(x[rows]), y[rows])
         loss.backward()
         optimizer.step()
     return len(batches)
