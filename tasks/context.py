@@ -69,7 +69,14 @@ def check_run_inputs(ws: Workspace, method: str | None, sources: list[str]) -> N
 
 
 def validate_method(name: str) -> None:
-    from models.unlearning import METHODS
+    """Reject a method the registry does not know, or one that cannot start from the pipeline's MLP champion."""
+    from models.network import TabularMLP
+    from models.unlearning import METHODS, SPECS
 
+    usable = sorted(n for n in METHODS if n not in SPECS or SPECS[n].accepts(TabularMLP))
     if name not in METHODS:
-        raise ConfigurationError(f"Unknown unlearning method {name!r}; valid methods: {', '.join(sorted(METHODS))}.")
+        raise ConfigurationError(f"Unknown unlearning method {name!r}; valid methods: {', '.join(usable)}.")
+    if name not in usable:
+        # NOTE: the champion is always a plain MLP until bootstrap can train SISA and certified families.
+        raise ConfigurationError(f"Method {name!r} needs a different model family than the MLP champion; "
+                                 f"methods for this workspace: {', '.join(usable)}.")
