@@ -41,7 +41,7 @@ def _load_rows(session, model) -> tuple[list, list[str]]:
     try:
         return list(session.scalars(select(model))), []
     except LookupError:
-        # An enum column holds a value that is not a state: find the rows one by one.
+        # An enum column contains a value that is not a state, so load the rows one by one to name them.
         session.rollback()
     key = inspect(model).primary_key[0]
     rows, unreadable = [], []
@@ -166,7 +166,7 @@ def _parquet_rows(path: Path, subject_id: str) -> int | None:
 
 
 def record_fingerprints(subject_id: str) -> list[bytes]:
-    """The subject's records as CSV lines of the source dataset: the bytes a text copy would contain."""
+    """Return the subject's records as CSV lines of the source dataset: the bytes a text copy would contain."""
     from tasks.dataset import randhie_csv_path
 
     pattern = re.compile(r"^(?:[^,]*,){5}" + re.escape(subject_id) + ",")

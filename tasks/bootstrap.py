@@ -28,7 +28,7 @@ class BootstrapResult:
 
 
 def create_workspace(ws: Workspace, settings: WorkspaceSettings) -> None:
-    """Lay out a new workspace; refuse a directory that already holds files."""
+    """Lay out a new workspace, rejecting a directory that already contains files."""
     if ws.root.exists() and not ws.root.is_dir():
         raise WorkspaceError(f"{ws.root} is a file, not a directory. Pick a new directory for the workspace.")
     if ws.root.exists() and any(ws.root.iterdir()):

@@ -53,9 +53,9 @@ def _timestamp(value: datetime) -> str:
 def append(session: Session, kind: str, subject: str, payload: dict) -> LedgerEntry:
     """Append one entry after the current head, inside the caller's transaction.
 
-    Runs inside the session's before_flush hook, so it must not flush: the head of
+    Runs inside the session's before_flush hook, so it must not flush. The head of
     entries added earlier in this session is kept in `session.info`. Callers hold the
-    run lock, so there is one writer; on PostgreSQL the head row is also locked
+    run lock, so there is one writer. On PostgreSQL the head row is also locked
     (FOR UPDATE), and the primary key on `seq` rejects a concurrent twin.
     """
     head = session.info.get("chain_head")

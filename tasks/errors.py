@@ -28,6 +28,6 @@ class GateFailedError(LetheError):
 
 
 class RunLockedError(LetheError):
-    """Another run holds the workspace."""
+    """Another run has the workspace's run lock."""
 
     exit_code = 3

@@ -120,8 +120,8 @@ def acknowledge_batch(ctx: RunContext, batch_id: str, sources: list[QueueSource]
 
 def finish_batch(ctx: RunContext, batch_id: str, sources: list[QueueSource], timer) -> None:
     """Drive a committed batch through register, retire, certify and acknowledge, from its current state."""
-    state = ctx.ledger.get_batch(batch_id).state
-    has_data = ctx.ledger.get_batch(batch_id).rows_removed > 0
+    batch = ctx.ledger.get_batch(batch_id)
+    state, has_data = batch.state, batch.rows_removed > 0
     if state == BatchState.COMMITTED and has_data:
         with timer("register"):
             push_data(ctx)
@@ -164,7 +164,7 @@ def batch_summary(ctx: RunContext, batch_id: str, stage_seconds: dict[str, float
 def seal_ledger(ctx: RunContext) -> dict | None:
     """Sign the journal head at the end of a run, unless an earlier seal already covers it.
 
-    A certificate anchors the head at issue time; the entries written after it (closing
+    A certificate anchors the head at issue time. The entries written after it (closing
     the requests, the certificate digest) are covered by this seal, so rewriting them
     and recomputing their hashes is detected too.
     """

@@ -192,15 +192,6 @@ class Ledger:
         with self.session() as s:
             return list(s.scalars(select(DeletionRequest).where(DeletionRequest.state == RequestState.PENDING)))
 
-    def requests_of(self, batch_id: str) -> list[DeletionRequest]:
-        with self.session() as s:
-            return list(s.scalars(select(DeletionRequest).where(DeletionRequest.batch_id == batch_id)))
-
-    def open_batches(self) -> list[Batch]:
-        """Batches a crash left before commit: they must be rolled back before a new run."""
-        with self.session() as s:
-            return list(s.scalars(select(Batch).where(Batch.state == BatchState.OPEN)))
-
     def get_batch(self, batch_id: str) -> Batch | None:
         with self.session() as s:
             return s.get(Batch, batch_id)

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import versioning
 from tasks.context import RunContext
-from tasks.ledger import Batch, BatchState, DeletionRequest, utcnow
+from tasks.ledger import Batch, BatchState, DeletionRequest
 from tasks.purge import PurgeResult
 from tasks.registry import LoggedCandidate
 
@@ -86,7 +86,3 @@ def commit_task(ctx: RunContext, batch_id: str) -> str:
     rev = commit_data(ctx, batch_id)
     push_data(ctx)
     return rev
-
-
-def mark_finished(ctx: RunContext, batch_id: str) -> None:
-    set_batch(ctx, batch_id, finished_at=utcnow())

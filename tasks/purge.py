@@ -49,7 +49,7 @@ def subject_hashes_of(keys: pd.Series, hasher: SubjectHasher) -> pd.Series:
 
 
 def purge(ws: Workspace, subject_hashes: list[str], hasher: SubjectHasher) -> PurgeResult:
-    """Rewrite each shard that holds a batch subject without that subject's rows, then `dvc add`."""
+    """Rewrite each shard that contains a batch subject without that subject's rows, then `dvc add`."""
     wanted = set(subject_hashes)
     md5_before = versioning.data_md5(ws)
     listing = versioning.dir_listing(ws, md5_before)

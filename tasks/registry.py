@@ -6,11 +6,9 @@ Models are logged with `serialization_format="pickle"` because MLflow 3's defaul
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from tasks.workspace import Workspace
 
@@ -176,7 +174,3 @@ def lineage(ws: Workspace, model_name: str) -> list[dict]:
         })
         version = tags.get("parent_version") or None
     return chain
-
-
-def save_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

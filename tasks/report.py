@@ -8,7 +8,7 @@ def _fmt(value) -> str:
 
 
 def batch_markdown(summary: dict) -> str:
-    """Render a batch summary; it holds counts, digests and metrics, never subject ids."""
+    """Render a batch summary, which contains counts, digests and metrics but no subject ids."""
     lines = [
         f"# Erasure batch `{summary['batch_id']}`",
         "",

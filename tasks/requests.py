@@ -23,7 +23,7 @@ MAX_LINE_BYTES = 4096
 # future is a bug upstream, not a real receipt time.
 MAX_CLOCK_SKEW = timedelta(hours=1)
 # Erasure deadlines are weeks, so a receipt time years back is a producer bug (a zeroed
-# or epoch timestamp), not a real backlog; quarantine lets a person check it.
+# or epoch timestamp), not a real backlog. Quarantine lets a person check it.
 MAX_REQUEST_AGE = timedelta(days=5 * 365)
 
 # pydantic also reads a string of digits as Unix time; an ISO 8601 date starts YYYY-MM-DD.

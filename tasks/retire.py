@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks import registry, versioning
 from tasks.ledger import Ledger, Tombstone
 from tasks.workspace import Workspace
@@ -55,10 +52,3 @@ def retire_models(ws: Workspace, model_name: str, batch_id: str, new_version: st
         retired.append(version)
     log.info("Retire: tagged versions %s of %s as containing erased data", retired, model_name)
     return retired
-
-
-@task(name="retire", cache_policy=NO_CACHE, persist_result=False)
-def retire_task(ws: Workspace, ledger: Ledger, model_name: str, batch_id: str,
-                affected: dict[str, str], new_version: str) -> tuple[list[dict], list[str]]:
-    """Tombstone the old shard objects and retire the model versions trained on them."""
-    return purge_objects(ws, ledger, batch_id, affected), retire_models(ws, model_name, batch_id, new_version)

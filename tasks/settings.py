@@ -18,7 +18,7 @@ SETTINGS_FILE = "lethe.json"
 
 
 class DataSettings(BaseModel):
-    """How the dataset is sharded and split."""
+    """Sharding and train/val/test split of the dataset."""
 
     n_shards: int = Field(8, ge=1, le=256, description="Parquet shards, by a stable hash of the subject key.")
     split_seed: int = Field(0, description="Seed of the by-subject train/val/test assignment.")
@@ -40,7 +40,7 @@ class TrainSettings(BaseModel):
 
 
 class UnlearnSettings(BaseModel):
-    """Which unlearning method runs first and what replaces it when a gate fails."""
+    """The unlearning method tried first and the exact method that replaces it when a gate fails."""
 
     method: str = Field("neggrad_plus", description="Approximate method tried first.")
     fallback: str = Field("retrain", description="Exact method used when a gate fails.")

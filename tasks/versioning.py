@@ -116,7 +116,7 @@ def dir_listing(ws: Workspace, dir_md5: str) -> dict[str, str]:
 
 
 def object_stores(ws: Workspace) -> dict[str, Path]:
-    """Every place that holds DVC objects: the cache and each configured local remote."""
+    """Return every store of DVC objects: the cache and each configured local remote."""
     return {"cache": ws.dvc_cache_dir, "remote:workspace": ws.dvc_remote_dir}
 
 
