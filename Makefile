@@ -8,6 +8,9 @@ DEMO_SUBJECTS ?= 125133 127958 328335
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_CONFIGURE_LOGGING ?= false
+# Nothing leaves the machine: MLflow 3 and DVC send usage reports unless told not to.
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
 
 .PHONY: install demo test clean
 

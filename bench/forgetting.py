@@ -38,7 +38,8 @@ from models.device import pick_device
 from models.metrics import average_gap, output_divergence, unlearning_scores
 from models.training import TrainConfig, train_mlp
 from models.unlearning import METHODS, get_method, method_spec
-from tasks.dataset import FEATURES, LABEL, SUBJECT_KEY, assign_split, load_randhie, shard_of
+from tasks.dataset import SUBJECT_KEY, assign_split, load_randhie
+from tasks.modeling import to_split
 
 logger = logging.getLogger("forgetting")
 
@@ -98,12 +99,8 @@ def load_data() -> RandhieData:
     """Load RAND HIE, split it by subject as Lethe does (seed 0: 70% train, 10% validation, 20% test), and add shard ids."""
     frame = load_randhie()
     split = assign_split(frame[SUBJECT_KEY], seed=0, test_fraction=0.2, val_fraction=0.1)
-    frame["shard"] = shard_of(frame[SUBJECT_KEY], N_SHARDS)
-
-    def to_split(part: pd.DataFrame) -> Split:
-        return Split.from_frame(part, FEATURES, LABEL, group=SUBJECT_KEY, shard="shard")
-
-    return RandhieData(train=to_split(frame[split == "train"]), val=to_split(frame[split == "val"]), test=to_split(frame[split == "test"]))
+    parts = {name: to_split(frame[split == name], N_SHARDS) for name in ("train", "val", "test")}
+    return RandhieData(**parts)
 
 
 def forget_mask(train: Split, size: str, rng: np.random.Generator) -> np.ndarray:
@@ -234,6 +231,47 @@ def results_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+APPROXIMATE = ("finetune", "neggrad_plus", "scrub", "salun")
+
+
+def targets_table(frame: pd.DataFrame, prepare: pd.DataFrame, newton: list[dict]) -> list[str]:
+    """Check the speed and quality targets against this run's numbers, and render one row per target."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    # At least one approximate method 10x faster than retrain with an average gap of at most 1.5 points.
+    for size in SIZES:
+        part = frame[(frame["size"] == size) & frame["method"].isin(APPROXIMATE)]
+        summary = part.groupby("method").apply(
+            lambda g: pd.Series({"speedup": (g["retrain_time_s"] / g["wall_time_s"]).mean(), "gap": g["gap"].mean() * 100}),
+            include_groups=False)
+        if summary.empty:
+            continue
+        close = summary[summary["gap"] <= 1.5]
+        best = (close if not close.empty else summary).sort_values("speedup", ascending=False).iloc[0]
+        met = not close.empty and best["speedup"] >= 10
+        lines.append(f"| {size}: an approximate method ≥ 10x faster than retrain, avg. gap ≤ 1.5 | "
+                     f"{best.name}: {best['speedup']:.1f}x, gap {best['gap']:.2f} | {'yes' if met else 'no'} |")
+
+    # SISA: a single-subject deletion 4x faster than training the ensemble, test accuracy within 1 point of the MLP.
+    sisa = frame[(frame["size"] == "1 subject") & (frame["method"] == "sisa")]
+    original = frame[(frame["size"] == "1 subject") & (frame["method"] == "original (no unlearning)")]
+    if not sisa.empty and "sisa" in prepare:
+        speedup = prepare["sisa"].mean() / sisa["wall_time_s"].mean()
+        lines.append(f"| sisa (8 shards), 1 subject: ≥ 4x faster than training the ensemble from scratch | "
+                     f"{speedup:.1f}x | {'yes' if speedup >= 4 else 'no'} |")
+        drop = (original["ta"].mean() - sisa["ta"].mean()) * 100
+        lines.append(f"| sisa test accuracy within 1 point of the monolithic MLP | {drop:+.2f} points below | "
+                     f"{'yes' if drop <= 1 else 'no'} |")
+
+    # Newton: one removal in at most 10 ms for feature dimensions up to 1,000.
+    for row in newton:
+        if row["dimension"] <= 1000:
+            milliseconds = row["removal_s"] * 1000
+            lines.append(f"| newton removal ≤ 10 ms, dimension {row['dimension']} | {milliseconds:.1f} ms | "
+                         f"{'yes' if milliseconds <= 10 else 'no'} |")
+    return lines
+
+
 def build_page(frame: pd.DataFrame, prepare: pd.DataFrame, newton: list[dict], args: argparse.Namespace,
                machine: str, elapsed_s: float) -> str:
     """Build docs/benchmarks.md: setup, the results table, preparation times, Newton timing and notes."""
@@ -299,6 +337,19 @@ def build_page(frame: pd.DataFrame, prepare: pd.DataFrame, newton: list[dict], a
         lines.append("")
 
     lines += [
+        "## Targets",
+        "",
+        "The speed targets were set for MNIST with a small CNN, where a retrain costs minutes. On RAND HIE an",
+        "early-stopped retrain takes about 2 s on two cores, so fixed costs (copying the model, evaluating the",
+        "gates' inputs, Python overhead) dominate the approximate methods, and the ratios below are reported, not",
+        "tuned for. Checked against this run's numbers:",
+        "",
+        *targets_table(frame, prepare, newton),
+        "",
+        "- The Newton removal time grows with the dimension d: each removal builds the Hessian on every",
+        "  remaining row (n x d^2 work) and the spectral norm of a d x d matrix for the bound, so its cost grows",
+        "  quickly with d. The certified head of Lethe's `certified` family has d = 33.",
+        "",
         "## MNIST",
         "",
         mnist_status(),

@@ -44,6 +44,8 @@ def configure_environment(ws: Workspace) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lethe")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     # Bootstrap and CLI code log outside flow runs; those records go to the console and the log file only.
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -70,16 +72,22 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
 
 
 @app.command()
-def init(workspace: WorkspaceOption = None) -> None:
+def init(
+    workspace: WorkspaceOption = None,
+    family: Annotated[str, typer.Option(help="Model family: mlp, sisa-mlp (SISA ensemble over the data shards) or certified (MLP features with a certified head).")] = "mlp",
+) -> None:
     """Create a workspace: git + DVC data, ledger, queue, and the baseline model as version 1."""
     from tasks.bootstrap import bootstrap
+    from tasks.settings import MODEL_FAMILIES, ModelSettings, WorkspaceSettings
 
     ws = resolve_workspace(workspace)
     configure_environment(ws)
+    if family not in MODEL_FAMILIES:
+        fail(LetheError(f"Unknown model family {family!r}; use one of: {', '.join(MODEL_FAMILIES)}."))
     started = time.perf_counter()
     try:
-        with console.status("Materializing data, training and registering the baseline..."):
-            result = bootstrap(ws)
+        with console.status(f"Materializing data, training and registering the {family} baseline..."):
+            result = bootstrap(ws, WorkspaceSettings(model=ModelSettings(family=family)))
     except LetheError as exc:
         fail(exc)
     console.print(f"Workspace [bold]{ws.root}[/] ready in {time.perf_counter() - started:.1f} s")
@@ -180,11 +188,19 @@ def run(
 
 @app.command()
 def methods() -> None:
-    """List the unlearning methods that `--method` and `lethe.json` accept."""
-    from models.unlearning import METHODS
+    """List the unlearning methods that `--method` and `lethe.json` accept, with the model families they serve."""
+    from models.families import FAMILY_TYPES
+    from tasks.router import AUTO, family_methods, is_exact
 
-    for name in sorted(METHODS):
-        console.print(name)
+    table = Table(title="Unlearning methods")
+    for header in ("method", "kind", "families"):
+        table.add_column(header)
+    table.add_row(AUTO, "router", "all: sisa for sisa-mlp, newton for certified, unlearn.approximate for mlp")
+    served = {family: family_methods(family) for family in sorted(FAMILY_TYPES)}
+    for name in sorted({name for names in served.values() for name in names}):
+        kind = "exact" if is_exact(name) else "certified" if name == "newton" else "approximate"
+        table.add_row(name, kind, ", ".join(family for family, names in served.items() if name in names))
+    console.print(table)
 
 
 @app.command()
@@ -311,7 +327,3 @@ def audit_scan(
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
-
-
-if __name__ == "__main__":
-    sys.exit(app())

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from flows.logs import workspace_log_file
 from tasks import registry
-from tasks.context import RunContext, open_context, roll_back_batch, validate_method
+from tasks.context import RunContext, check_unlearning, open_context, roll_back_batch
 from tasks.faults import checkpoint
 from tasks.finish import batch_summary, finish_batch, seal_ledger
 from tasks.ingest import ingest_task
@@ -61,13 +61,14 @@ def nightly_deletion_run(
         workspace: Workspace directory; defaults to LETHE_WORKSPACE.
         sources: Queue sources to read, in order: "local" (the workspace's queue directory),
             "s3://<bucket>/<prefix>/", "sqs://<queue name>" or an SQS queue URL.
-        method: Unlearning method tried first; defaults to the workspace setting.
+        method: "auto" (the router picks by model family) or a method name from `lethe methods`;
+            defaults to the workspace setting.
         gates: Gate thresholds for this run; defaults to the workspace setting.
     """
     validate_specs(sources)
     logger = get_run_logger()
     ctx = open_context(workspace, gates)
-    validate_method(method or ctx.settings.unlearn.method)
+    check_unlearning(ctx.settings, method)
     holder = f"flow-run {flow_run.id or 'local'}"
     with workspace_log_file(ctx.ws.log_file), run_lock(ctx.ledger, holder):
         summary = _run(ctx, open_sources(sources, ctx.ws), method, logger, holder)
@@ -132,6 +133,7 @@ def _warn_near_deadline(ctx: RunContext, logger) -> None:
 def _prepare(ctx: RunContext, batch, keep_alive, method: str | None, timer) -> None:
     """Stages 2-4, all rolled back on failure: purge, validate the data, unlearn with gates."""
     from models.device import pick_device
+    from models.families import family_of
 
     champion_version = registry.champion_version(ctx.ws, ctx.settings.model_name)
     set_batch(ctx, batch.batch_id, model_version_before=champion_version)
@@ -163,14 +165,14 @@ def _prepare(ctx: RunContext, batch, keep_alive, method: str | None, timer) -> N
         attempts = [a.as_dict() for a in candidate.attempts]
         logged = registry.log_candidate(
             ctx.ws, ctx.settings.model_name, candidate.model.cpu(), run_name=batch.batch_id,
-            params={"method": candidate.method, "batch_id": batch.batch_id,
+            params={"method": candidate.method, "model_family": family_of(candidate.model), "batch_id": batch.batch_id,
                     "parent_version": champion_version, "settings": ctx.settings.model_dump_json()},
             metrics=candidate.metrics,
             artifacts={"data_validation.json": data_report, "gates.json": {"attempts": attempts},
                        "unlearn_record.json": candidate.record},
         )
         record_candidate(ctx, batch.batch_id, logged, candidate.method, {
-            "method_reason": candidate.reason,
+            "method_reason": candidate.reason, "model_family": family_of(candidate.model),
             "gates": [{"name": g.name, "value": round(g.value, 4), "passed": g.passed} for g in candidate.gates],
             "metrics_before": candidate.champion_metrics, "metrics_after": candidate.metrics,
             "attempts": attempts, "flow_run_id": str(flow_run.id or ""), "device": str(device),

@@ -10,7 +10,7 @@ from tasks.errors import WorkspaceError
 from tasks.certificate import generate_key_file as generate_signing_key
 from tasks.hashing import generate_key_file, load_hasher
 from tasks.ledger import Ledger
-from tasks.modeling import splits_of, train_config, utility_metrics
+from tasks.modeling import family_config, splits_of, train_config, utility_metrics
 from tasks.settings import EnvironmentSettings, WorkspaceSettings
 from tasks.shards import materialize, read_all
 from tasks.workspace import Workspace
@@ -69,28 +69,28 @@ def commit_initial_data(ws: Workspace, settings: WorkspaceSettings) -> tuple[int
 
 
 def train_and_register_baseline(ws: Workspace, settings: WorkspaceSettings, data_md5: str, git_rev: str) -> tuple[str, dict]:
+    """Train the workspace's model family on the training split and register it as version 1."""
     from models.device import pick_device, seed_everything
-    from models.training import train_mlp
+    from models.families import train_family
 
     device = pick_device(settings.unlearn.device)
     seed_everything(settings.train.seed)
-    splits = splits_of(read_all(ws.data_dir))
-    model, report = train_mlp(splits["train"], splits["val"], train_config(settings.train), device)
+    splits = splits_of(read_all(ws.data_dir), settings.data.n_shards)
+    family = family_config(settings)
+    model, summary = train_family(family, splits["train"], splits["val"], train_config(settings.train), device)
     model = model.cpu()
     metrics = utility_metrics(model, splits, "cpu")
-    metrics["train_wall_time_s"] = report.wall_time_s
-    metrics["epochs"] = report.epochs
-    log.info("Trained the baseline in %.1f s (%d epochs): test accuracy %.4f",
-             report.wall_time_s, report.epochs, metrics["test_accuracy"])
+    metrics["train_wall_time_s"] = summary["wall_time_s"]
+    log.info("Trained the %s baseline in %.1f s: test accuracy %.4f", family.name, summary["wall_time_s"], metrics["test_accuracy"])
 
     candidate = registry.log_candidate(
         ws, settings.model_name, model, run_name="baseline",
-        params={"method": "baseline", "data_md5": data_md5, "settings": settings.model_dump_json()},
-        metrics=metrics, artifacts={"settings.json": settings.model_dump(mode="json")},
+        params={"method": "baseline", "model_family": family.name, "data_md5": data_md5, "settings": settings.model_dump_json()},
+        metrics=metrics, artifacts={"settings.json": settings.model_dump(mode="json"), "training.json": summary},
     )
     version = registry.register(ws, settings.model_name, candidate, {
-        "method": "baseline", "parent_version": "", "data_git_rev": git_rev, "data_md5": data_md5,
-        "batch_id": "", "request_count": "0", "contains_erased_data": "false", "device": str(device),
+        "method": "baseline", "model_family": family.name, "parent_version": "", "data_git_rev": git_rev,
+        "data_md5": data_md5, "batch_id": "", "request_count": "0", "contains_erased_data": "false", "device": str(device),
     })
     return version, metrics
 

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 from tasks import versioning
-from tasks.errors import ConfigurationError
 from tasks.hashing import SubjectHasher, load_hasher
 from tasks.ledger import Batch, BatchState, DeletionRequest, Ledger, RequestState, utcnow
 from tasks.settings import EnvironmentSettings, GateSettings, WorkspaceSettings
@@ -63,20 +62,14 @@ def check_run_inputs(ws: Workspace, method: str | None, sources: list[str]) -> N
     settings = WorkspaceSettings.load(ws.root)
     environment = EnvironmentSettings()
     load_hasher(environment.hmac_key, ws.hmac_key_file)
-    validate_method(method or settings.unlearn.method)
-    validate_method(settings.unlearn.fallback)
+    check_unlearning(settings, method)
     validate_specs(sources)
 
 
-def validate_method(name: str) -> None:
-    """Reject a method the registry does not know, or one that cannot start from the pipeline's MLP champion."""
-    from models.network import TabularMLP
-    from models.unlearning import METHODS, SPECS
+def check_unlearning(settings: WorkspaceSettings, method: str | None) -> None:
+    """Reject unlearning settings, or a requested method, that cannot unlearn from the workspace's model family."""
+    from tasks.router import validate_method, validate_settings
 
-    usable = sorted(n for n in METHODS if n not in SPECS or SPECS[n].accepts(TabularMLP))
-    if name not in METHODS:
-        raise ConfigurationError(f"Unknown unlearning method {name!r}; valid methods: {', '.join(usable)}.")
-    if name not in usable:
-        # NOTE: the champion is always a plain MLP until bootstrap can train SISA and certified families.
-        raise ConfigurationError(f"Method {name!r} needs a different model family than the MLP champion; "
-                                 f"methods for this workspace: {', '.join(usable)}.")
+    validate_settings(settings.unlearn, settings.model.family)
+    if method is not None:
+        validate_method(method, settings.model.family)

@@ -33,7 +33,7 @@ def register_batch(ctx: RunContext, batch_id: str) -> str:
         "request_count": str(batch.request_count), "subject_digest": batch.subject_digest,
         "rows_removed": str(batch.rows_removed), "data_git_rev": batch.git_rev_after,
         "data_md5": batch.data_md5_after, "method": batch.method,
-        "method_reason": summary.get("method_reason", ""),
+        "method_reason": summary.get("method_reason", ""), "model_family": summary.get("model_family", ""),
         "gates": json.dumps(summary.get("gates", [])),
         "prefect_flow_run_id": summary.get("flow_run_id", ""), "device": summary.get("device", ""),
         "contains_erased_data": "false",

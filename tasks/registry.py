@@ -20,6 +20,8 @@ TAG_PREFIX = "lethe."
 
 def _quiet() -> None:
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    # MLflow 3 sends usage telemetry by default; a tool that handles erasure data sends nothing out.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # The pickle format is chosen on purpose (see the module docstring); its warning repeats on every save.

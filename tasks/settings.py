@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Literal, get_args
+
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -39,13 +41,45 @@ class TrainSettings(BaseModel):
     seed: int = Field(0, description="Seed of initialisation and batch order.")
 
 
-class UnlearnSettings(BaseModel):
-    """The unlearning method tried first and the exact method that replaces it when a gate fails."""
+ModelFamily = Literal["mlp", "sisa-mlp", "certified"]
+MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
 
-    method: str = Field("neggrad_plus", description="Approximate method tried first.")
+
+class SisaSettings(BaseModel):
+    """Slices and epochs of the `sisa-mlp` family; its shards are the data shards."""
+
+    n_slices: int = Field(4, ge=1, le=64, description="Slices per shard, with a checkpoint after each.")
+    epochs_per_slice: int = Field(10, ge=1, description="Epochs of each training stage (stage r covers slices 0..r).")
+
+
+class CertifiedSettings(BaseModel):
+    """The certified logistic-regression head of the `certified` family (Guo et al., ICML 2020)."""
+
+    lam: float = Field(1e-3, gt=0, description="L2 regularisation; the penalty is lam * n / 2 * ||w||^2 for n rows.")
+    epsilon: float = Field(1.0, gt=0, description="Epsilon of the (epsilon, delta) removal guarantee.")
+    delta: float = Field(1e-4, gt=0, lt=1, description="Delta of the (epsilon, delta) removal guarantee.")
+    noise_std: float = Field(10.0, gt=0, description="Standard deviation of the objective perturbation; larger buys more removals.")
+
+
+class ModelSettings(BaseModel):
+    """The model family bootstrap trains, which decides the methods that can unlearn from it."""
+
+    family: ModelFamily = Field(
+        "mlp", description="mlp: one MLP; sisa-mlp: SISA ensemble, one MLP per data shard; "
+                           "certified: frozen MLP features with a certified logistic-regression head.")
+    sisa: SisaSettings = Field(default_factory=SisaSettings)
+    certified: CertifiedSettings = Field(default_factory=CertifiedSettings)
+
+
+class UnlearnSettings(BaseModel):
+    """How the router picks a method, and the exact method that replaces a method that fails a gate."""
+
+    method: str = Field("auto", description="auto (the router picks by model family) or a method name from `lethe methods`.")
+    approximate: str = Field("neggrad_plus", description="Approximate method the router tries first on an mlp champion.")
     fallback: str = Field("retrain", description="Exact method used when a gate fails.")
     device: str = Field("auto", description="auto, cpu or cuda.")
-    method_settings: dict = Field(default_factory=dict, description="Overrides of the method's defaults.")
+    method_settings: dict[str, dict] = Field(
+        default_factory=dict, description='Overrides of each method\'s defaults, by method name: {"neggrad_plus": {"lr": 0.001}}.')
 
 
 class GateSettings(BaseModel):
@@ -66,6 +100,7 @@ class WorkspaceSettings(BaseModel):
 
     model_name: str = Field("lethe-randhie", description="Registered model name in MLflow.")
     data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings)
     gates: GateSettings = Field(default_factory=GateSettings)

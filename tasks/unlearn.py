@@ -16,14 +16,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.dataset import SPLIT, SUBJECT_KEY
-from tasks.modeling import splits_of, to_split, utility_metrics
+from tasks.modeling import splits_of, to_split, train_config, utility_metrics
+from tasks.router import RETRAIN, is_exact, route
 from tasks.settings import WorkspaceSettings
 from tasks.validate import GateResult, forgetting_gates, gates_as_dict, utility_gates
 
 log = logging.getLogger("lethe.unlearn")
-
-EXACT_METHODS = {"retrain"}
-
 
 @dataclass
 class Attempt:
@@ -80,27 +78,32 @@ def evaluate(model, splits, forget: ForgetSet | None, device) -> tuple[dict[str,
 
 
 def run_method(name: str, champion, forget, splits, settings: WorkspaceSettings, device):
+    """Run one method: `retrain` retrains the champion's family, any other comes from the registry."""
+    from models.families import retrain_family
     from models.unlearning import get_method
 
-    method_settings = settings.train.model_dump() if name in EXACT_METHODS else dict(settings.unlearn.method_settings)
+    if name == RETRAIN:
+        return retrain_family(champion, splits["train"], splits["val"], train_config(settings.train), device)
+    method_settings = dict(settings.unlearn.method_settings.get(name, {}))
     return get_method(name)(champion, forget, splits["train"], splits["val"], method_settings, device)
 
 
 def unlearn(champion, new_data: pd.DataFrame, forget_rows: pd.DataFrame, settings: WorkspaceSettings,
             device, method: str | None = None) -> Candidate:
-    """Try the configured method, gate it, and fall back to exact retraining on any failed gate."""
-    splits = splits_of(new_data)
+    """Try the methods the router picks, gate each, and register the first that passes or is exact."""
+    n_shards = settings.data.n_shards
+    splits = splits_of(new_data, n_shards)
     trained_on = forget_rows[forget_rows[SPLIT] == "train"] if len(forget_rows) else forget_rows
     forget = None
     if len(trained_on):
         test_subjects = new_data.loc[new_data[SPLIT] == "test", SUBJECT_KEY].to_numpy()
-        forget = ForgetSet(to_split(trained_on), trained_on[SUBJECT_KEY].to_numpy(), test_subjects)
+        forget = ForgetSet(to_split(trained_on, n_shards), trained_on[SUBJECT_KEY].to_numpy(), test_subjects)
     champion_metrics, _ = evaluate(champion, splits, forget, device)
 
-    first = method or settings.unlearn.method
-    plan = [first] if first in EXACT_METHODS else [first, settings.unlearn.fallback]
+    chosen = route(champion, method or settings.unlearn.method, settings.unlearn)
+    log.info("Unlearn: router chose %s (%s)", " then ".join(chosen.plan), chosen.reason)
     attempts: list[Attempt] = []
-    for name in plan:
+    for name in chosen.plan:
         if forget is None:
             # Only held-out rows were erased: the champion never trained on them.
             log.info("Unlearn: no training rows among the forget rows; the champion's weights carry over")
@@ -122,17 +125,19 @@ def unlearn(champion, new_data: pd.DataFrame, forget_rows: pd.DataFrame, setting
         for gate in gates:
             log.info("Gate %s: %s", name, gate.describe())
 
-        exact = name in EXACT_METHODS or name == "carry_over"
+        exact = name == "carry_over" or is_exact(name)
         if attempt.passed or exact:
             if exact and not attempt.passed:
                 log.warning("Exact method %s missed a utility gate; registering it because it forgets by construction", name)
-            reason = "configured method passed every gate" if len(attempts) == 1 else \
-                f"{attempts[0].method} failed gates {[g.name for g in attempts[0].gates if not g.passed]}; escalated to {name}"
+            reason = chosen.reason if len(attempts) == 1 else \
+                f"{chosen.reason}; {attempts[0].method} failed gates {[g.name for g in attempts[0].gates if not g.passed]}; escalated to {name}"
+            if record.get("details", {}).get("retrained") and name == "newton":
+                reason += "; the removal would have overrun the budget, so newton refit the head from scratch with fresh noise"
             return Candidate(model, name, reason, champion_metrics, metrics, gates, record, attempts)
         log.warning("Unlearn: %s failed gates %s; escalating", name, [g.name for g in gates if not g.passed])
 
     failed = attempts[-1].method
-    raise RuntimeError(f"Unlearning method {failed} failed its gates and no exact fallback is configured; "
+    raise RuntimeError(f"Unlearning method {failed} failed its gates and no exact method followed it; "
                        f"set unlearn.fallback to 'retrain' in lethe.json.")
 
 

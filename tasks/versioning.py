@@ -35,6 +35,8 @@ def git(ws: Workspace, *args: str) -> str:
 def _quiet_dvc() -> None:
     # DVC prints "To track the changes with git, run ..." hints at INFO; the pipeline stages itself.
     logging.getLogger("dvc").setLevel(logging.WARNING)
+    # No usage reports, also where the DVC command line runs against this workspace.
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 def open_dvc(ws: Workspace):

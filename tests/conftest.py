@@ -9,6 +9,8 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lethe")
 os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # Bootstrap and CLI code log outside flow runs; those records go to the console and the log file only.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -35,3 +37,14 @@ def workspace(tmp_path):
     ws = Workspace(tmp_path / "ws")
     bootstrap(ws)
     return ws
+
+
+@pytest.fixture
+def restore_environment(monkeypatch):
+    """The CLI sets Prefect and MLflow variables in os.environ; undo them after each test."""
+    for name in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
+                 "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "MLFLOW_CONFIGURE_LOGGING", "GIT_PYTHON_REFRESH"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -14,15 +13,7 @@ from flows.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def restore_environment(monkeypatch):
-    """The CLI sets Prefect and MLflow variables in os.environ; undo them after each test."""
-    for name in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
-                 "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "MLFLOW_CONFIGURE_LOGGING", "GIT_PYTHON_REFRESH"):
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("restore_environment")
 
 
 def test_help_lists_commands():
@@ -82,7 +73,7 @@ def test_request_add_rejects_bad_typed_id(workspace):
 def test_run_rejects_unknown_method(workspace):
     result = runner.invoke(app, ["run", "--method", "bogus", "--workspace", str(workspace.root)])
     assert result.exit_code == 2
-    assert "valid methods" in result.output
+    assert "valid for the mlp family" in result.output
 
 
 def test_request_add_without_ids_fails(workspace):
