@@ -327,3 +327,52 @@ def audit_scan(
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+@app.command()
+def serve(
+    workspace: WorkspaceOption = None,
+    prefect_port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the Prefect server, API and UI on 127.0.0.1.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the MLflow tracking server and UI on 127.0.0.1.")] = 5000,
+    worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Start a process worker on the work pool `lethe`.")] = True,
+    repo_dir: Annotated[Path | None, typer.Option(help="Lethe checkout that contains prefect.yaml, where flow runs start (default: LETHE_REPO_DIR, else the checkout of this installation's flows package).")] = None,
+    startup_timeout: Annotated[float, typer.Option(min=1, help="Seconds each service may take to become ready.")] = 120.0,
+) -> None:
+    """Run a Prefect server, a process worker and an MLflow server for the workspace on 127.0.0.1 until Ctrl-C."""
+    from flows.serve import default_repo_dir
+    from flows.serve import serve as run_services
+
+    ws = resolve_workspace(workspace)
+    configure_environment(ws)
+    repo = (repo_dir or default_repo_dir()).expanduser().resolve()
+    prefect_bin = Path(sys.executable).with_name("prefect")
+
+    def announce(urls) -> None:
+        lines = [
+            f"Serving workspace {ws.root}",
+            f"  Prefect UI: {urls.prefect_url}  (API {urls.prefect_api_url})",
+            f"  MLflow UI:  {urls.mlflow_url}",
+            f"  Logs:       {ws.log_file.parent}",
+            "Create the deployments with:",
+            f"  cd {repo} && PREFECT_API_URL={urls.prefect_api_url} LETHE_WORKSPACE={ws.root} LETHE_REPO_DIR={repo} "
+            f"{prefect_bin} --no-prompt deploy --all",
+            "Press Ctrl-C to stop.",
+        ]
+        for line in lines:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        ws.require()
+        run_services(ws, repo, announce, prefect_port=prefect_port, mlflow_port=mlflow_port, worker=worker,
+                     startup_timeout=startup_timeout)
+    except LetheError as exc:
+        from rich.markup import escape
+
+        # The message can quote a child's log, whose brackets rich would read as markup.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(exc.exit_code) from None
+    console.print("Stopped all services.")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -89,10 +89,10 @@ class GateSettings(BaseModel):
     (which have forgotten by construction) stayed below 3.0, the largest at 2.78.
     """
 
-    max_retain_drop_pp: float = Field(1.0, description="Largest allowed drop of retain accuracy vs the champion, in percentage points.")
-    max_test_drop_pp: float = Field(1.0, description="Largest allowed drop of test accuracy vs the champion, in percentage points.")
-    max_accuracy_z: float = Field(3.0, description="Largest allowed |z| of forget-set accuracy against held-out subjects of the same count.")
-    max_mia_z: float = Field(3.0, description="Largest allowed |z| of the loss-based membership-inference AUC against held-out subjects of the same count.")
+    max_retain_drop_pp: float = Field(1.0, title="Max retain accuracy drop (pp)", description="Largest allowed drop of retain accuracy vs the champion, in percentage points.")
+    max_test_drop_pp: float = Field(1.0, title="Max test accuracy drop (pp)", description="Largest allowed drop of test accuracy vs the champion, in percentage points.")
+    max_accuracy_z: float = Field(3.0, title="Max forget accuracy |z|", description="Largest allowed |z| of forget-set accuracy against held-out subjects of the same count.")
+    max_mia_z: float = Field(3.0, title="Max membership-inference |z|", description="Largest allowed |z| of the loss-based membership-inference AUC against held-out subjects of the same count.")
 
 
 class WorkspaceSettings(BaseModel):
@@ -131,3 +131,11 @@ class EnvironmentSettings(BaseSettings):
     workspace: Path | None = Field(None, description="Default workspace when --workspace is not given.")
     hmac_key: str | None = Field(None, description="Secret key of the subject-id HMAC; production must set it.")
     ledger_url: str | None = Field(None, description="SQLAlchemy URL of the ledger (PostgreSQL in production); default: SQLite in the workspace.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server, such as http://mlflow.internal:5000 (PostgreSQL store, S3 artifacts); "
+                          "default: SQLite and artifact files in the workspace.")
+    dvc_remote_url: str | None = Field(
+        None, description="DVC remote of the training data, such as s3://bucket/lethe/data; default: a directory in the workspace.")
+    retirement_policy: Literal["archive", "delete"] = Field(
+        "archive", description="What happens to model versions trained on erased data: archive (alias removed, tagged) "
+                               "or delete (version, logged model and run artifacts removed for good).")
