@@ -23,7 +23,7 @@ from torch import nn
 from models.certified import CertifiedConfig, CertifiedMLP, certify_mlp
 from models.data import Split
 from models.network import TabularMLP
-from models.sisa import SisaConfig, SisaEnsemble, train_sisa
+from models.sisa import ShardMap, SisaConfig, SisaEnsemble, train_sisa
 from models.training import TrainConfig, train_mlp
 from models.unlearning.base import UnlearnRecord, UnlearnResult
 
@@ -85,13 +85,15 @@ def train_family(family: FamilyConfig, train: Split, val: Split, recipe: TrainCo
     return model.eval(), summary
 
 
-def retrain_family(champion: nn.Module, retain: Split, val: Split, recipe: TrainConfig, device: torch.device) -> UnlearnResult:
+def retrain_family(champion: nn.Module, retain: Split, val: Split, recipe: TrainConfig, device: torch.device,
+                   map_shards: ShardMap | None = None) -> UnlearnResult:
     """Train a new model of the champion's family from scratch on `retain` (exact unlearning).
 
     A SisaEnsemble retrains every constituent with its own SisaConfig. A CertifiedMLP
     retrains its feature extractor with `recipe` and fits a new head with its own
     CertifiedConfig, so the new features never saw the forget rows either. A
     TabularMLP retrains with `recipe`, its architecture taken from the champion.
+    `map_shards` runs the SISA constituents' jobs elsewhere (see `SisaEnsemble.fit`).
     """
     started = time.perf_counter()
     family = family_of(champion)
@@ -99,7 +101,7 @@ def retrain_family(champion: nn.Module, retain: Split, val: Split, recipe: Train
         if len(retain) == 0:
             raise ValueError("The retain split is empty, so there is nothing to retrain the ensemble on.")
         model = SisaEnsemble(champion.n_features, champion.config)
-        steps = model.fit(retain, device)
+        steps = model.fit(retain, device, map_shards)
         settings = dataclasses.asdict(champion.config)
         epochs = champion.config.epochs_per_slice * champion.config.n_slices
         details = {"family": family, "retrained_shards": champion.config.n_shards}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -120,32 +121,33 @@ class SisaEnsemble(nn.Module):
         probabilities = torch.stack([F.softmax(constituent(x), dim=1) for constituent in trained]).mean(dim=0)
         return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
 
-    def fit(self, train: Split, device: torch.device) -> int:
-        """Train every constituent on its shard from its initial checkpoint, and return the optimizer steps."""
+    def fit(self, train: Split, device: torch.device, map_shards: ShardMap | None = None) -> int:
+        """Train every constituent on its shard from its initial checkpoint, and return the optimizer steps.
+
+        `map_shards` runs the per-shard jobs, for example on a Dask cluster; by default they run here, one after another.
+        """
         shards, slices = self._assignment(train, "train")
-        self.to(device)
-        steps = 0
-        for shard in range(self.config.n_shards):
-            in_shard = shards == shard
-            steps += self._train_stages(shard, train.take(in_shard), slices[in_shard], first_stage=0, device=device)
-        self.eval()
+        jobs = [self._job(shard, train.take(shards == shard), slices[shards == shard], first_stage=0)
+                for shard in range(self.config.n_shards)]
+        steps = self._load_results((map_shards or run_in_process)(train_shard, jobs, device))
+        self.to(device).eval()
         return steps
 
-    def unlearn(self, forget: Split, retain: Split, device: torch.device) -> SisaDeletion:
+    def unlearn(self, forget: Split, retain: Split, device: torch.device, map_shards: ShardMap | None = None) -> SisaDeletion:
         """Retrain only the constituents whose shards held forget rows, from the checkpoint before the first such slice.
 
         `retain` must hold every remaining training row of the affected shards, in
         training order. Raises ValueError when an affected shard's row count does
         not equal its retained plus forgotten rows, because retraining from a
         checkpoint is exact only on the rows the checkpoint was made with.
+        `map_shards` runs the per-shard jobs, as in `fit`.
         """
         started = time.perf_counter()
         forget_shards, forget_slices = self._assignment(forget, "forget")
         retain_shards, retain_slices = self._assignment(retain, "retain")
-        self.to(device)
 
         restart_slices: dict[int, int] = {}
-        steps = 0
+        jobs = []
         for shard in np.unique(forget_shards).tolist():
             in_shard = retain_shards == shard
             n_forget = int(np.count_nonzero(forget_shards == shard))
@@ -155,10 +157,10 @@ class SisaEnsemble(nn.Module):
                     f"Constituent {shard} trained on {int(self.shard_rows[shard])} rows, but forget and retain contain "
                     f"{n_forget} + {n_retain} rows of shard {shard}. Pass every remaining training row of the shard."
                 )
-            restart = int(forget_slices[forget_shards == shard].min())
-            restart_slices[shard] = restart
-            steps += self._train_stages(shard, retain.take(in_shard), retain_slices[in_shard], first_stage=restart, device=device)
-        self.eval()
+            restart_slices[shard] = int(forget_slices[forget_shards == shard].min())
+            jobs.append(self._job(shard, retain.take(in_shard), retain_slices[in_shard], first_stage=restart_slices[shard]))
+        steps = self._load_results((map_shards or run_in_process)(train_shard, jobs, device))
+        self.to(device).eval()
 
         logger.info("SISA retrained %d of %d constituents, from slices %s.", len(restart_slices), self.config.n_shards, restart_slices)
         return SisaDeletion(restart_slices=restart_slices, steps=steps, wall_time_s=time.perf_counter() - started)
@@ -172,45 +174,109 @@ class SisaEnsemble(nn.Module):
             raise ValueError(f"The {name} split has shard id {int(split.shards.max())}, but the ensemble has {self.config.n_shards} shards.")
         return split.shards, slice_of(split.groups, self.config.n_slices, self.config.seed)
 
-    def _train_stages(self, shard: int, rows: Split, slices: np.ndarray, first_stage: int, device: torch.device) -> int:
-        """Restore constituent `shard` from the checkpoint before `first_stage` and train that stage and all later ones."""
-        constituent = self.constituents[shard]
-        _load_state_vector(constituent, self.checkpoints[shard, first_stage])
+    def _job(self, shard: int, rows: Split, slices: np.ndarray, first_stage: int) -> ShardJob:
+        # Subject ids stay here: a job carries features, labels and slice numbers only.
+        return ShardJob(shard=shard, first_stage=first_stage, start_state=self.checkpoints[shard, first_stage].clone(),
+                        x=rows.x, y=rows.y, slices=slices, n_features=self.n_features, config=self.config)
 
-        # Rows sorted by slice and then by their order in `rows`, so stage r trains on a prefix.
-        order = np.argsort(slices, kind="stable")
-        x_all, y_all = split_tensors(rows.take(order), device)
-        rows_through = np.searchsorted(slices[order], np.arange(self.config.n_slices), side="right")
-
+    def _load_results(self, results: list[ShardResult]) -> int:
+        """Load each retrained constituent and its new checkpoints, and return the summed optimizer steps."""
         steps = 0
-        for stage in range(first_stage, self.config.n_slices):
-            n_rows = int(rows_through[stage])
-            if n_rows > 0:
-                # The scaler comes from the first non-empty stage only, so a deletion in a
-                # later slice leaves it, and every checkpoint before that slice, valid.
-                n_earlier = int(rows_through[stage - 1]) if stage > 0 else 0
-                if n_earlier == 0:
-                    constituent.fit_scaler(rows.take(order[:n_rows]).x)
-                steps += self._train_stage(constituent, x_all[:n_rows], y_all[:n_rows], stage_seed(self.config.seed, shard, stage))
-            self.checkpoints[shard, stage + 1] = _state_vector(constituent)
-
-        self.shard_rows[shard] = len(rows)
-        constituent.eval()
-        return steps
-
-    def _train_stage(self, constituent: TabularMLP, x: torch.Tensor, y: torch.Tensor, seed: int) -> int:
-        # A fresh optimizer per stage, so a checkpoint contains all the state that later stages need.
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.Adam(constituent.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
-        steps = 0
-        for _ in range(self.config.epochs_per_slice):
-            steps += train_one_epoch(constituent, optimizer, x, y, self.config.batch_size, generator)
+        for result in results:
+            last = self.config.n_slices
+            self.checkpoints[result.shard, result.first_stage + 1:last + 1] = result.checkpoints.to(self.checkpoints.device)
+            _load_state_vector(self.constituents[result.shard], self.checkpoints[result.shard, last])
+            self.shard_rows[result.shard] = result.rows
+            steps += result.steps
         return steps
 
     def describe(self) -> dict:
         """Return the configuration and per-shard row counts as JSON-compatible values."""
         return {**asdict(self.config), "shard_rows": self.shard_rows.tolist()}
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One constituent's training from a checkpoint: picklable, so a Dask or Ray worker can run it.
+
+    `start_state` is the flattened constituent state before `first_stage`. `x`, `y` and
+    `slices` are the shard's rows in training order with the slice of each row.
+    """
+
+    shard: int
+    first_stage: int
+    start_state: torch.Tensor
+    x: np.ndarray
+    y: np.ndarray
+    slices: np.ndarray
+    n_features: int
+    config: SisaConfig
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """The states of one constituent after each stage from `first_stage` on (CPU tensors), its rows and steps."""
+
+    shard: int
+    first_stage: int
+    checkpoints: torch.Tensor
+    rows: int
+    steps: int
+
+
+# map_shards(train_shard, jobs, device) -> one ShardResult per job, in job order.
+ShardMap = Callable[[Callable[[ShardJob, torch.device], ShardResult], list[ShardJob], torch.device], list[ShardResult]]
+
+
+def run_in_process(function: Callable[[ShardJob, torch.device], ShardResult], jobs: list[ShardJob], device: torch.device) -> list[ShardResult]:
+    """Run the shard jobs here, one after another."""
+    return [function(job, device) for job in jobs]
+
+
+def train_shard(job: ShardJob, device: torch.device) -> ShardResult:
+    """Restore a constituent from `job.start_state`, train stage `job.first_stage` and every later one, and return the checkpoints.
+
+    Every stage seeds its own generators from (seed, shard, stage), so the result does
+    not depend on the process that runs the job.
+    """
+    config = job.config
+    constituent = TabularMLP(job.n_features, hidden=config.hidden, dropout=config.dropout)
+    _load_state_vector(constituent, job.start_state)
+    constituent.to(device)
+
+    # Rows sorted by slice and then by their order in the shard, so stage r trains on a prefix.
+    order = np.argsort(job.slices, kind="stable")
+    rows = Split(job.x[order], job.y[order])
+    x_all, y_all = split_tensors(rows, device)
+    rows_through = np.searchsorted(job.slices[order], np.arange(config.n_slices), side="right")
+
+    steps = 0
+    checkpoints = []
+    for stage in range(job.first_stage, config.n_slices):
+        n_rows = int(rows_through[stage])
+        if n_rows > 0:
+            # The scaler comes from the first non-empty stage only, so a deletion in a
+            # later slice leaves it, and every checkpoint before that slice, valid.
+            n_earlier = int(rows_through[stage - 1]) if stage > 0 else 0
+            if n_earlier == 0:
+                constituent.fit_scaler(rows.x[:n_rows])
+            steps += _train_stage(constituent, x_all[:n_rows], y_all[:n_rows], config, stage_seed(config.seed, job.shard, stage))
+        checkpoints.append(_state_vector(constituent).cpu())
+
+    state_size = job.start_state.numel()
+    stacked = torch.stack(checkpoints) if checkpoints else torch.zeros(0, state_size)
+    return ShardResult(shard=job.shard, first_stage=job.first_stage, checkpoints=stacked, rows=len(job.y), steps=steps)
+
+
+def _train_stage(constituent: TabularMLP, x: torch.Tensor, y: torch.Tensor, config: SisaConfig, seed: int) -> int:
+    # A fresh optimizer per stage, so a checkpoint contains all the state that later stages need.
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(constituent.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = 0
+    for _ in range(config.epochs_per_slice):
+        steps += train_one_epoch(constituent, optimizer, x, y, config.batch_size, generator)
+    return steps
 
 
 def train_sisa(train: Split, config: SisaConfig, device: torch.device) -> SisaEnsemble:

@@ -136,6 +136,10 @@ class EnvironmentSettings(BaseSettings):
                           "default: SQLite and artifact files in the workspace.")
     dvc_remote_url: str | None = Field(
         None, description="DVC remote of the training data, such as s3://bucket/lethe/data; default: a directory in the workspace.")
+    dask_cluster: str | None = Field(
+        None, description="Where SISA shard retrains run: unset (in the flow's process), local (a LocalCluster "
+                          "started for the step) or a Dask scheduler address such as tcp://scheduler:8786.")
+    dask_workers: int = Field(2, ge=1, description="Worker processes of the local Dask cluster.")
     retirement_policy: Literal["archive", "delete"] = Field(
         "archive", description="What happens to model versions trained on erased data: archive (alias removed, tagged) "
                                "or delete (version, logged model and run artifacts removed for good).")

@@ -81,10 +81,16 @@ def run_method(name: str, champion, forget, splits, settings: WorkspaceSettings,
     """Run one method: `retrain` retrains the champion's family, any other comes from the registry."""
     from models.families import retrain_family
     from models.unlearning import get_method
+    from tasks.settings import EnvironmentSettings
+    from tasks.shard_runner import shard_map
 
+    environment = EnvironmentSettings()
+    map_shards = shard_map(environment.dask_cluster, environment.dask_workers)
     if name == RETRAIN:
-        return retrain_family(champion, splits["train"], splits["val"], train_config(settings.train), device)
+        return retrain_family(champion, splits["train"], splits["val"], train_config(settings.train), device, map_shards)
     method_settings = dict(settings.unlearn.method_settings.get(name, {}))
+    if name == "sisa" and map_shards is not None:
+        return get_method(name)(champion, forget, splits["train"], splits["val"], method_settings, device, map_shards=map_shards)
     return get_method(name)(champion, forget, splits["train"], splits["val"], method_settings, device)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from models.data import Split
 from models.network import TabularMLP
-from models.sisa import SisaConfig, SisaEnsemble, train_sisa
+from models.sisa import ShardMap, SisaConfig, SisaEnsemble, train_sisa
 from models.unlearning.base import UnlearnResult, check_model_type, copy_to_device, register_method, resolve_settings
 from models.unlearning.loops import make_record
 
@@ -37,21 +37,23 @@ def prepare_sisa(model: TabularMLP, train: Split, val: Split, settings: dict, de
 
 
 @register_method("sisa", model_types=(SisaEnsemble,), prepare=prepare_sisa, exact=True)
-def sisa(model: SisaEnsemble, forget: Split, retain: Split, val: Split, settings: dict, device: torch.device) -> UnlearnResult:
+def sisa(model: SisaEnsemble, forget: Split, retain: Split, val: Split, settings: dict, device: torch.device,
+         map_shards: ShardMap | None = None) -> UnlearnResult:
     """Delete `forget` from a copy of a SisaEnsemble by retraining the constituents that held it.
 
     `forget` and `retain` need `shards` and `groups`, and `retain` must hold every
     remaining training row of the affected shards in training order (see
     `SisaEnsemble.unlearn`). The recipe is the ensemble's own, so the method has no
     settings. `val` is not used. The record's details give the first retrained
-    slice of each retrained shard.
+    slice of each retrained shard. `map_shards` runs the per-shard jobs elsewhere, for
+    example on a Dask cluster (see `SisaEnsemble.fit`).
     """
     options = resolve_settings("sisa", {}, settings)
     check_model_type("sisa", model)
 
     started = time.perf_counter()
     new_model = copy_to_device(model, device)
-    deletion = new_model.unlearn(forget, retain, device)
+    deletion = new_model.unlearn(forget, retain, device, map_shards)
 
     details = {
         "restart_slices": {str(shard): slice_index for shard, slice_index in deletion.restart_slices.items()},
