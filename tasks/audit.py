@@ -7,12 +7,14 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
+from tasks import remote_store
 from tasks.certificate import load_signing_key, public_key_hex, verify
 from tasks.chain import LedgerEntry, canonical, latest_payloads, verify_chain
 from tasks.ledger import Batch, BatchState, Ledger, audited_snapshot
@@ -150,16 +152,17 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-def _parquet_rows(path: Path, subject_id: str) -> int | None:
-    """Count the subject's rows if the file is Parquet with the subject key column, else None."""
+def _parquet_rows(data: bytes, subject_id: str) -> int | None:
+    """Count the subject's rows if `data` is Parquet with the subject key column, else None."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from tasks.dataset import SUBJECT_KEY
 
-    if path.read_bytes()[:4] != b"PAR1":
+    if data[:4] != b"PAR1":
         return None
     try:
-        keys = pq.read_table(path, columns=[SUBJECT_KEY]).column(SUBJECT_KEY).to_pylist()
+        keys = pq.read_table(pa.BufferReader(data), columns=[SUBJECT_KEY]).column(SUBJECT_KEY).to_pylist()
     except Exception:  # noqa: BLE001 - a Parquet file of another schema cannot hold subject rows
         return None
     return sum(1 for key in keys if str(key) == subject_id)
@@ -174,22 +177,27 @@ def record_fingerprints(subject_id: str) -> list[bytes]:
         return [line.rstrip("\n").encode() for line in source if pattern.match(line)]
 
 
-def scan_files(store: str, files: list[Path], subject_id: str, fingerprints: list[bytes]) -> list[Finding]:
+def scan_contents(store: str, contents: Iterable[tuple[str, bytes]], subject_id: str,
+                  fingerprints: list[bytes]) -> list[Finding]:
+    """Search each `(location, bytes)` for the subject's Parquet rows, raw id and record bytes."""
     pattern = _id_pattern(subject_id)
     findings = []
-    for path in files:
-        rows = _parquet_rows(path, subject_id)
+    for location, data in contents:
+        rows = _parquet_rows(data, subject_id)
         if rows:
-            findings.append(Finding(store, str(path), f"Parquet object with {rows} record(s) of the subject"))
+            findings.append(Finding(store, location, f"Parquet object with {rows} record(s) of the subject"))
             continue
         if rows is not None:
             continue
-        data = path.read_bytes()
         if pattern.search(data):
-            findings.append(Finding(store, str(path), "raw subject id"))
+            findings.append(Finding(store, location, "raw subject id"))
         if any(f in data for f in fingerprints):
-            findings.append(Finding(store, str(path), "bytes of a record of the subject"))
+            findings.append(Finding(store, location, "bytes of a record of the subject"))
     return findings
+
+
+def scan_files(store: str, files: list[Path], subject_id: str, fingerprints: list[bytes]) -> list[Finding]:
+    return scan_contents(store, ((str(path), path.read_bytes()) for path in files), subject_id, fingerprints)
 
 
 def scan_database(store: str, ledger: Ledger, subject_id: str) -> list[Finding]:
@@ -212,6 +220,9 @@ def scan_subject(ws: Workspace, ledger: Ledger, subject_id: str) -> list[Finding
     findings += scan_files("data", _files(ws.data_dir), subject_id, fingerprints)
     findings += scan_files("dvc cache", _files(ws.dvc_cache_dir), subject_id, fingerprints)
     findings += scan_files("dvc remote", _files(ws.dvc_remote_dir), subject_id, fingerprints)
+    for remote in remote_store.s3_remotes(ws):
+        # Every stored version: an erased object hidden behind a delete marker is still readable.
+        findings += scan_contents("dvc remote", remote_store.all_object_versions(remote), subject_id, fingerprints)
     findings += scan_files("mlflow database", [ws.mlflow_db] if ws.mlflow_db.exists() else [], subject_id, fingerprints)
     findings += scan_files("mlflow artifacts", _files(ws.artifacts_dir), subject_id, fingerprints)
     findings += scan_files("prefect database", _files(ws.prefect_home), subject_id, fingerprints)

@@ -33,6 +33,7 @@ def create_workspace(ws: Workspace, settings: WorkspaceSettings) -> None:
         raise WorkspaceError(f"{ws.root} is a file, not a directory. Pick a new directory for the workspace.")
     if ws.root.exists() and any(ws.root.iterdir()):
         raise WorkspaceError(f"{ws.root} exists and is not empty. Pick a new directory or remove it first.")
+    versioning.configured_s3_remote()  # rejects an invalid LETHE_DVC_REMOTE_URL before anything is written
     ws.root.mkdir(parents=True, exist_ok=True)
     ws.make_dirs()
     versioning.init_repository(ws)

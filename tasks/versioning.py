@@ -10,7 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from tasks import remote_store
 from tasks.errors import WorkspaceError
+from tasks.settings import EnvironmentSettings
 from tasks.workspace import Workspace
 
 log = logging.getLogger("lethe.versioning")
@@ -46,19 +48,29 @@ def open_dvc(ws: Workspace):
     return Repo(str(ws.root))
 
 
+def configured_s3_remote() -> remote_store.S3Remote | None:
+    """Return the S3 remote that LETHE_DVC_REMOTE_URL names, or None for the workspace directory remote."""
+    url = EnvironmentSettings().dvc_remote_url
+    return remote_store.parse_s3_url(url) if url else None
+
+
 def init_repository(ws: Workspace) -> None:
-    """Create the git repository with DVC and a local DVC remote inside state/."""
+    """Create the git repository with DVC, and the DVC remote: LETHE_DVC_REMOTE_URL, else a directory in state/."""
     from dvc.repo import Repo
 
     _quiet_dvc()
+    s3_remote = configured_s3_remote()  # an invalid URL fails before anything is written
     git(ws, "init", "-q", "-b", "main")
     (ws.root / ".gitignore").write_text(GITIGNORE)
     with Repo.init(str(ws.root)) as repo:
         with repo.config.edit() as conf:
-            conf["remote"]["workspace"] = {"url": str(ws.dvc_remote_dir)}
-            conf["core"]["remote"] = "workspace"
+            if s3_remote is None:
+                conf["remote"]["workspace"] = {"url": str(ws.dvc_remote_dir)}
+                conf["core"]["remote"] = "workspace"
             conf["core"]["analytics"] = False
             conf["core"]["autostage"] = False
+        if s3_remote is not None:
+            remote_store.add_remote(repo, s3_remote)
 
 
 def add_data(ws: Workspace) -> str:
@@ -107,14 +119,22 @@ def object_path(root: Path, md5: str) -> Path:
     return root / "files" / "md5" / md5[:2] / md5[2:]
 
 
+def _read_dir_object(ws: Workspace, dir_md5: str) -> bytes:
+    """Read a `.dir` object from the cache, else the directory remote, else an S3 remote."""
+    for root in (ws.dvc_cache_dir, ws.dvc_remote_dir):
+        path = object_path(root, dir_md5)
+        if path.exists():
+            return path.read_bytes()
+    for remote in remote_store.s3_remotes(ws):
+        content = remote_store.read_object(remote, dir_md5)
+        if content is not None:
+            return content
+    raise WorkspaceError(f"DVC directory object {dir_md5} is in neither the cache nor a remote.")
+
+
 def dir_listing(ws: Workspace, dir_md5: str) -> dict[str, str]:
-    """Map relpath -> md5 for the files of one data version, from the cached `.dir` object."""
-    path = object_path(ws.dvc_cache_dir, dir_md5)
-    if not path.exists():
-        path = object_path(ws.dvc_remote_dir, dir_md5)
-    if not path.exists():
-        raise WorkspaceError(f"DVC directory object {dir_md5} is in neither the cache nor the remote.")
-    return {entry["relpath"]: entry["md5"] for entry in json.loads(path.read_text())}
+    """Map relpath -> md5 for the files of one data version, from its `.dir` object."""
+    return {entry["relpath"]: entry["md5"] for entry in json.loads(_read_dir_object(ws, dir_md5))}
 
 
 def object_stores(ws: Workspace) -> dict[str, Path]:
@@ -127,6 +147,7 @@ def delete_object(ws: Workspace, md5: str) -> list[str]:
 
     DVC has no targeted purge (`dvc gc` drops every old version), so Lethe removes exactly
     the objects that held erased subjects and leaves the rest of history restorable.
+    On S3 every version and delete marker of the object is deleted, and the store is named by its URL.
     """
     removed = []
     for store, root in object_stores(ws).items():
@@ -135,6 +156,9 @@ def delete_object(ws: Workspace, md5: str) -> list[str]:
             path.chmod(0o600)
             path.unlink()
             removed.append(store)
+    for remote in remote_store.s3_remotes(ws):
+        if remote_store.purge_object(remote, md5):
+            removed.append(remote.url)
     return removed
 
 
@@ -156,7 +180,8 @@ def delete_orphans(ws: Workspace) -> list[str]:
 
     A rolled-back purge leaves the new shards of its uncommitted version in the cache.
     Nothing points to them, so a later erasure would never tombstone them, and they may
-    hold subjects that a later batch erases.
+    hold subjects that a later batch erases. S3 remotes are not listed: Lethe pushes only
+    after the git commit, so every object it pushed belongs to a committed version.
     """
     referenced = committed_objects(ws)
     removed = []
