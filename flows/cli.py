@@ -232,8 +232,7 @@ def lineage(
         table.add_row(entry["version"], parent, entry["method"], entry["batch_id"] or "-", entry["request_count"],
                       entry["data_rev"][:10], _pct(entry["test_accuracy"]), _pct(entry["retain_accuracy"]), created)
     console.print(table)
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    console.print(f"Open the MLflow UI on this workspace:\n  {mlflow_bin} ui --backend-store-uri {ws.mlflow_uri} --host 127.0.0.1 --port 5000")
+    console.print(registry.ui_hint(ws))
 
 
 @app.command()

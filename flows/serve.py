@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tasks.errors import LetheError
+from tasks.registry import uses_tracking_server
 from tasks.workspace import Workspace
 
 log = logging.getLogger("lethe.serve")
@@ -175,6 +176,10 @@ def service_specs(ws: Workspace, repo_dir: Path, prefect_port: int, mlflow_port:
         name = worker_name()
         specs.append(ServiceSpec("Prefect worker", worker_command(name), env, logs / "prefect-worker.log",
                                  worker_check(urls.prefect_api_url, name, datetime.now(UTC))))
+    if uses_tracking_server(ws):
+        # LETHE_MLFLOW_TRACKING_URI names the production tracking server, which serves its own UI.
+        log.info("MLflow: using the tracking server %s; no local MLflow server is started", ws.mlflow_uri)
+        return specs
     specs.append(ServiceSpec("MLflow server", mlflow_server_command(ws, mlflow_port, mlflow_workers),
                              mlflow_environment(env), logs / "mlflow-server.log",
                              health_check(f"{urls.mlflow_url}/health"), mlflow_port, "--mlflow-port"))
@@ -403,6 +408,8 @@ def serve(ws: Workspace, repo_dir: Path, on_ready: Callable[[Endpoints], None], 
         if spec.port is not None:
             check_port_free(spec.port, spec.port_option)
     urls = endpoints(prefect_port, mlflow_port)
+    if uses_tracking_server(ws):
+        urls = Endpoints(prefect_url=urls.prefect_url, mlflow_url=ws.mlflow_uri)
     services: list[Service] = []
     with _stop_signals() as stop_signal:
         try:

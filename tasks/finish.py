@@ -18,6 +18,7 @@ from tasks.faults import checkpoint
 from tasks.ledger import Batch, BatchState, DeletionRequest, RequestState, Tombstone, utcnow
 from tasks.publish import push_data, set_batch
 from tasks.retire import purge_objects, retire_models
+from tasks.settings import EnvironmentSettings
 from tasks.sources import QueueSource, acknowledge_sources
 
 log = logging.getLogger("lethe.finish")
@@ -43,11 +44,20 @@ def register_batch(ctx: RunContext, batch_id: str) -> str:
 
 
 def retire_batch(ctx: RunContext, batch_id: str) -> None:
+    """Purge the old data objects and retire the old model versions by LETHE_RETIREMENT_POLICY.
+
+    What was archived or deleted (version numbers, run and model ids) is stored in the
+    batch's summary in the ledger, and the signed certificate repeats it.
+    """
     batch = ctx.ledger.get_batch(batch_id)
     purge_objects(ctx.ws, ctx.ledger, batch_id, batch.affected_objects or {})
-    if batch.model_version_after:
-        retire_models(ctx.ws, ctx.settings.model_name, batch_id, batch.model_version_after)
-    set_batch(ctx, batch_id, state=BatchState.RETIRED)
+    if not batch.model_version_after:
+        set_batch(ctx, batch_id, state=BatchState.RETIRED)
+        return
+    policy = EnvironmentSettings().retirement_policy
+    retired = retire_models(ctx.ws, ctx.settings.model_name, batch_id, batch.model_version_after, policy)
+    summary = {**(batch.summary or {}), "retired_models": {"policy": policy, "versions": retired}}
+    set_batch(ctx, batch_id, state=BatchState.RETIRED, summary=summary)
 
 
 def certificate_body(ctx: RunContext, batch_id: str) -> dict:
@@ -71,6 +81,7 @@ def certificate_body(ctx: RunContext, batch_id: str) -> dict:
         "tombstones": tombstones,
         "model": {"name": ctx.settings.model_name, "version_before": batch.model_version_before,
                   "version_after": batch.model_version_after},
+        "retired_models": summary.get("retired_models", {}),
         "method": batch.method, "method_reason": summary.get("method_reason"),
         "gates": summary.get("gates", []),
         "metrics": {"before": summary.get("metrics_before", {}), "after": summary.get("metrics_after", {})},

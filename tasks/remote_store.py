@@ -120,15 +120,15 @@ def check_endpoint(remote: S3Remote) -> None:
 
 
 @contextmanager
-def _s3_errors(remote: S3Remote, action: str) -> Iterator[None]:
-    """Turn botocore's errors into a RemoteStoreError that names the remote and the action."""
+def s3_errors(location: str, action: str) -> Iterator[None]:
+    """Turn botocore's errors into a RemoteStoreError that names the S3 location and the action."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         yield
     except (BotoCoreError, ClientError) as exc:
         raise RemoteStoreError(
-            f"Could not {action} in DVC remote {remote.url} (endpoint {aws.endpoint_override() or 'AWS'}): {exc}. "
+            f"Could not {action} in {location} (endpoint {aws.endpoint_override() or 'AWS'}): {exc}. "
             f"Check the credentials, the bucket and LETHE_AWS_ENDPOINT_URL, then run again."
         ) from exc
 
@@ -146,7 +146,17 @@ def key_versions(client: Any, bucket: str, key: str) -> list[dict[str, str]]:
     return found
 
 
-def _delete_versions(client: Any, bucket: str, targets: list[dict[str, str]]) -> None:
+def prefix_versions(client: Any, bucket: str, prefix: str) -> list[dict[str, str]]:
+    """Return `{"Key", "VersionId"}` of every version and delete marker of every key under `prefix`."""
+    found = []
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+            found.append({"Key": entry["Key"], "VersionId": entry["VersionId"]})
+    return found
+
+
+def delete_versions(client: Any, bucket: str, targets: list[dict[str, str]]) -> None:
+    """Delete the given object versions and delete markers, 1,000 per request (the S3 maximum)."""
     for start in range(0, len(targets), DELETE_BATCH_SIZE):
         chunk = targets[start:start + DELETE_BATCH_SIZE]
         response = client.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
@@ -169,9 +179,9 @@ def purge_object(remote: S3Remote, md5: str, client: Any = None) -> int:
     check_endpoint(remote)
     client = client or aws.client("s3")
     key = remote.object_key(md5)
-    with _s3_errors(remote, f"delete every version of {key}"):
+    with s3_errors(f"DVC remote {remote.url}", f"delete every version of {key}"):
         targets = key_versions(client, remote.bucket, key)
-        _delete_versions(client, remote.bucket, targets)
+        delete_versions(client, remote.bucket, targets)
         left = key_versions(client, remote.bucket, key)
     if left:
         raise RemoteStoreError(
@@ -189,7 +199,7 @@ def read_object(remote: S3Remote, md5: str, client: Any = None) -> bytes | None:
     check_endpoint(remote)
     client = client or aws.client("s3")
     key = remote.object_key(md5)
-    with _s3_errors(remote, f"read {key}"):
+    with s3_errors(f"DVC remote {remote.url}", f"read {key}"):
         try:
             return client.get_object(Bucket=remote.bucket, Key=key)["Body"].read()
         except ClientError as exc:
@@ -206,7 +216,7 @@ def all_object_versions(remote: S3Remote, client: Any = None) -> Iterator[tuple[
     """
     check_endpoint(remote)
     client = client or aws.client("s3")
-    with _s3_errors(remote, "list and read every object version"):
+    with s3_errors(f"DVC remote {remote.url}", "list and read every object version"):
         pages = client.get_paginator("list_object_versions").paginate(Bucket=remote.bucket, Prefix=remote.key_prefix)
         for page in pages:
             for version in page.get("Versions", []):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from tasks import registry, versioning
+from tasks import model_deletion, registry, versioning
 from tasks.ledger import Ledger, Tombstone
 from tasks.workspace import Workspace
 
@@ -36,8 +36,19 @@ def purge_objects(ws: Workspace, ledger: Ledger, batch_id: str, affected: dict[s
     return tombstones
 
 
-def retire_models(ws: Workspace, model_name: str, batch_id: str, new_version: str) -> list[str]:
-    """Tag every older version as trained on erased data; the champion alias already moved away."""
+def retire_models(ws: Workspace, model_name: str, batch_id: str, new_version: str,
+                  policy: str = "archive") -> list[dict]:
+    """Retire every version older than `new_version`, which all trained on the erased data.
+
+    The champion alias has already moved to `new_version`. Under `archive` the versions
+    stay and are tagged as containing erased data. Under `delete` they are deleted for
+    good (see delete_models). Returns one record per version, with version numbers and
+    run ids only, for the batch's ledger entry.
+    """
+    if policy == "delete":
+        return delete_models(ws, model_name, batch_id, new_version)
+    if policy != "archive":
+        raise ConfigurationError(f"LETHE_RETIREMENT_POLICY={policy!r} is not a retirement policy. Use archive or delete.")
     retired = []
     for version in registry.all_versions(ws, model_name):
         if int(version) >= int(new_version):
@@ -51,4 +62,25 @@ def retire_models(ws: Workspace, model_name: str, batch_id: str, new_version: st
         })
         retired.append(version)
     log.info("Retire: tagged versions %s of %s as containing erased data", retired, model_name)
-    return retired
+    return [{"version": version, "action": "archived"} for version in retired]
+
+
+def delete_models(ws: Workspace, model_name: str, batch_id: str, new_version: str) -> list[dict]:
+    """Permanently delete every version older than `new_version` with its logged models, run and artifacts.
+
+    Each version's deletion record is saved before its first delete, so a run killed
+    mid-way leaves a pending record that the next attempt finishes first. Versions that
+    still exist are then planned and deleted. Returns the records of the versions this
+    batch deleted, including those an interrupted attempt began.
+    """
+    for record in model_deletion.deletion_records(ws, model_name).values():
+        if record.state != "deleted":
+            log.warning("Retire: resuming the interrupted deletion of version %s of %s", record.version, model_name)
+            model_deletion.complete_deletion(ws, model_name, record)
+    for version in registry.all_versions(ws, model_name):
+        if int(version) < int(new_version):
+            model_deletion.complete_deletion(ws, model_name, model_deletion.plan_version_deletion(ws, model_name, version, batch_id))
+    deleted = [r for r in model_deletion.deletion_records(ws, model_name).values() if r.deleted_by_batch == batch_id]
+    return [{"version": r.version, "action": "deleted", "run_id": r.run_id, "logged_model_ids": r.logged_model_ids,
+             "s3_object_versions_deleted": r.s3_object_versions_deleted}
+            for r in sorted(deleted, key=lambda r: int(r.version))]

@@ -134,6 +134,12 @@ class EnvironmentSettings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking server, such as http://mlflow.internal:5000 (PostgreSQL store, S3 artifacts); "
                           "default: SQLite and artifact files in the workspace.")
+    mlflow_backend_store_uri: str | None = Field(
+        None, description="The tracking server's --backend-store-uri; the delete retirement policy removes runs "
+                          "there for good, as `mlflow gc` does.")
+    mlflow_artifacts_destination: str | None = Field(
+        None, description="The tracking server's --artifacts-destination (s3://bucket/prefix); the delete "
+                          "retirement policy purges every S3 object version of deleted artifacts there.")
     dvc_remote_url: str | None = Field(
         None, description="DVC remote of the training data, such as s3://bucket/lethe/data; default: a directory in the workspace.")
     dask_cluster: str | None = Field(

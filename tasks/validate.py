@@ -7,7 +7,9 @@ SUMMARY format, because Great Expectations stores `value_set`s verbatim.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 from prefect import task
@@ -18,6 +20,9 @@ from tasks.settings import GateSettings
 log = logging.getLogger("lethe.validate")
 
 HASH_COLUMN = "subject_hash"
+# Name of the data validation result on the candidate's MLflow run. The registry also renders it as Data Docs.
+DATA_VALIDATION_ARTIFACT = "data_validation.json"
+DATA_DOCS_SITE = "lethe"
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,48 @@ def validate_data(frame: pd.DataFrame, subject_hashes: pd.Series, forgotten: lis
     failed = [r["expectation_config"]["type"] for r in payload["results"] if not r["success"]]
     log.info("Data validation: %d expectations, %d failed %s", len(payload["results"]), len(failed), failed or "")
     return payload
+
+
+def build_data_docs(report: dict, directory: Path, run_name: str) -> Path:
+    """Render a stored validation result as a Great Expectations Data Docs site and return its index page.
+
+    The pages show only what the result contains: hashed subject keys and never a raw id,
+    because the suite receives hashed keys and the result uses the SUMMARY format. The
+    site's fonts and images (about 4 MB with GX 1.24.1) are removed, because its pages load
+    their styles and scripts from CDNs and reference only the favicon locally.
+    """
+    import great_expectations as gx
+    from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResultSchema
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+
+    result = ExpectationSuiteValidationResultSchema().load(report)
+    context = gx.get_context(mode="ephemeral")
+    context.add_data_docs_site(DATA_DOCS_SITE, {
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(directory)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    run_time = (report.get("meta", {}).get("run_id") or {}).get("run_time")
+    key = ValidationResultIdentifier(
+        expectation_suite_identifier=ExpectationSuiteIdentifier(name=result.suite_name),
+        run_id=RunIdentifier(run_name=run_name, run_time=run_time),
+        batch_identifier="training_data",
+    )
+    context.validation_results_store.set(key, result)
+    context.build_data_docs(site_names=[DATA_DOCS_SITE])
+    _drop_unreferenced_assets(directory / "static")
+    return directory / "index.html"
+
+
+def _drop_unreferenced_assets(static: Path) -> None:
+    shutil.rmtree(static / "fonts", ignore_errors=True)
+    for image in (static / "images").glob("*"):
+        if image.name != "favicon.ico":
+            image.unlink()
 
 
 def utility_gates(champion: dict[str, float], candidate: dict[str, float], gates: GateSettings) -> list[GateResult]:

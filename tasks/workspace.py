@@ -48,7 +48,8 @@ class Workspace:
 
     @property
     def mlflow_uri(self) -> str:
-        return f"sqlite:///{self.mlflow_db}"
+        """MLflow tracking and registry URI: LETHE_MLFLOW_TRACKING_URI when set, else the workspace's SQLite store."""
+        return EnvironmentSettings().mlflow_tracking_uri or f"sqlite:///{self.mlflow_db}"
 
     @property
     def artifacts_dir(self) -> Path:
