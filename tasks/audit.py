@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
-from tasks import remote_store
+from tasks import audit_servers, registry, remote_store
 from tasks.certificate import load_signing_key, public_key_hex, verify
 from tasks.chain import LedgerEntry, canonical, latest_payloads, verify_chain
 from tasks.ledger import Batch, BatchState, Ledger, audited_snapshot
@@ -225,7 +225,12 @@ def scan_subject(ws: Workspace, ledger: Ledger, subject_id: str) -> list[Finding
         findings += scan_contents("dvc remote", remote_store.all_object_versions(remote), subject_id, fingerprints)
     findings += scan_files("mlflow database", [ws.mlflow_db] if ws.mlflow_db.exists() else [], subject_id, fingerprints)
     findings += scan_files("mlflow artifacts", _files(ws.artifacts_dir), subject_id, fingerprints)
+    if registry.uses_tracking_server(ws):
+        findings += scan_contents("mlflow server", audit_servers.mlflow_server_contents(ws), subject_id, fingerprints)
     findings += scan_files("prefect database", _files(ws.prefect_home), subject_id, fingerprints)
+    prefect_api = os.environ.get("PREFECT_API_URL")
+    if prefect_api:
+        findings += scan_contents("prefect server", audit_servers.prefect_server_contents(prefect_api), subject_id, fingerprints)
     findings += scan_files("logs", _files(ws.log_file.parent), subject_id, fingerprints)
     findings += scan_files("certificates", _files(ws.certificates_dir), subject_id, fingerprints)
     findings += scan_files("queue", _files(ws.queue_dir), subject_id, fingerprints)

@@ -15,24 +15,27 @@ def purge_objects(ws: Workspace, ledger: Ledger, batch_id: str, affected: dict[s
     """Delete each affected shard object from the DVC cache and remotes and record a tombstone.
 
     Objects still referenced by the current data version are kept: a shard whose
-    rewrite produced identical bytes would otherwise lose its only copy.
+    rewrite produced identical bytes would otherwise lose its only copy. Each tombstone
+    is committed right after its object's deletion, so an error at a later object (an
+    S3 outage, say) keeps the record of the stores that the earlier deletions emptied.
     """
     current = set(versioning.dir_listing(ws, versioning.data_md5(ws)).values())
-    tombstones = []
     with ledger.session() as s:
         done = {t.object_md5 for t in s.query(Tombstone).filter(Tombstone.batch_id == batch_id)}
-        for relpath, md5 in sorted(affected.items()):
-            if md5 in done:
-                # Tombstoned by an interrupted attempt at this batch; delete again in case it died mid-way.
-                versioning.delete_object(ws, md5)
-                continue
-            if md5 in current:
-                log.warning("Retire: %s object %s is still in the current version; kept", relpath, md5)
-                continue
-            stores = versioning.delete_object(ws, md5)
+    tombstones = []
+    for relpath, md5 in sorted(affected.items()):
+        if md5 in done:
+            # Tombstoned by an interrupted attempt at this batch; delete again in case it died mid-way.
+            versioning.delete_object(ws, md5)
+            continue
+        if md5 in current:
+            log.warning("Retire: %s object %s is still in the current version; kept", relpath, md5)
+            continue
+        stores = versioning.delete_object(ws, md5)
+        with ledger.session() as s:
             s.add(Tombstone(batch_id=batch_id, object_md5=md5, relpath=relpath, stores=stores))
-            tombstones.append({"relpath": relpath, "md5": md5, "stores": stores})
-            log.info("Retire: deleted %s (%s) from %s", relpath, md5, ", ".join(stores) or "nowhere (already gone)")
+        tombstones.append({"relpath": relpath, "md5": md5, "stores": stores})
+        log.info("Retire: deleted %s (%s) from %s", relpath, md5, ", ".join(stores) or "nowhere (already gone)")
     return tombstones
 
 

@@ -137,6 +137,23 @@ def test_nightly_run_on_production_stores(stack, tmp_path):
     certificate = json.loads(next(ws.certificates_dir.glob("*.json")).read_text())
     assert [entry["version"] for entry in certificate["certificate"]["retired_models"]["versions"]] == ["1"]
 
+    # `lethe audit scan` reads both servers through their APIs and finds nothing of an erased subject...
+    clean = lethe(env, "audit", "scan", "--workspace", str(root), "--subject", str(subjects[0]))
+    assert "Nothing found" in clean.stdout
+
+    # ...but finds an id planted in an MLflow run and in a flow run's logs, so the scan can fail.
+    planted = 999999
+    run_id = client.create_run(client.get_experiment_by_name(MODEL).experiment_id).info.run_id
+    client.log_param(run_id, "note", f"subject {planted}")
+    log_line = {"name": "audit-test", "level": 20, "message": f"subject {planted}",
+                "timestamp": "2026-01-01T00:00:00Z", "flow_run_id": flow_runs[0]["id"]}
+    assert httpx.post(f"{stack['api']}/logs/", json=[log_line], timeout=30).status_code == 201
+    found = subprocess.run([LETHE, "audit", "scan", "--workspace", str(root), "--subject", str(planted)],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert found.returncode == 5, found.stdout + found.stderr
+    assert "mlflow server" in found.stdout
+    assert "prefect server" in found.stdout
+
 
 @pytest.fixture
 def stack(tmp_path):
