@@ -11,7 +11,6 @@ server that LETHE_MLFLOW_TRACKING_URI names. A client of a server that proxies a
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import sys
@@ -27,7 +26,6 @@ log = logging.getLogger("lethe.registry")
 CHAMPION = "champion"
 TAG_PREFIX = "lethe."
 DATA_DOCS_DIR = "data_docs"
-DATASET_CONTEXT = "training"
 MISSING = "RESOURCE_DOES_NOT_EXIST"
 
 
@@ -185,6 +183,8 @@ def register(ws: Workspace, model_name: str, candidate: LoggedCandidate, tags: d
         log.info("Found version %s already registered from run %s; reusing it", version, candidate.run_id)
     mlflow_client.update_model_version(model_name, version, description=version_description(model_name, tags))
     if tags.get("data_md5"):
+        from tasks.training_data import log_training_data
+
         log_training_data(ws, model_name, candidate.run_id, tags["data_md5"], tags.get("data_git_rev", ""))
     mlflow_client.set_registered_model_alias(model_name, CHAMPION, version)
     log.info("Registered %s version %s as %s", model_name, version, CHAMPION)
@@ -207,70 +207,6 @@ def version_description(model_name: str, tags: dict[str, str]) -> str:
     return (f"Derived from version {parent} of {model_name} by erasure batch `{tags.get('batch_id', '?')}` "
             f"({tags.get('request_count', '?')} requests) with `{tags.get('method', '?')}`, on {data}. "
             "The lethe.* tags hold the full provenance.")
-
-
-@functools.cache
-def _dvc_source_class():
-    """Define the MLflow dataset source of a DVC data version, importing MLflow only when first needed."""
-    from mlflow.data.dataset_source import DatasetSource
-
-    class DvcDatasetSource(DatasetSource):
-        """A DVC-tracked directory at one git revision: where the training data came from, not the data."""
-
-        def __init__(self, repository: str, rev: str, path: str, remote: str | None):
-            self.repository, self.rev, self.path, self.remote = repository, rev, path, remote
-
-        @staticmethod
-        def _get_source_type() -> str:
-            return "dvc"
-
-        def load(self, **kwargs):
-            raise NotImplementedError(f"Fetch the data with `dvc pull` at git revision {self.rev} of {self.repository}.")
-
-        @staticmethod
-        def _can_resolve(raw_source) -> bool:
-            return False
-
-        @classmethod
-        def _resolve(cls, raw_source):
-            raise NotImplementedError("DVC sources are created by Lethe, not resolved from a raw source.")
-
-        def to_dict(self) -> dict:
-            return {"repository": self.repository, "rev": self.rev, "path": self.path, "remote": self.remote}
-
-        @classmethod
-        def from_dict(cls, source_dict: dict):
-            return cls(**source_dict)
-
-    return DvcDatasetSource
-
-
-def dvc_remote_url(ws: Workspace) -> str | None:
-    """Return the URL of the workspace's default DVC remote, or None when none is configured."""
-    from tasks.versioning import open_dvc
-
-    with open_dvc(ws) as repo:
-        name = repo.config["core"].get("remote")
-        return repo.config["remote"].get(name, {}).get("url") if name else None
-
-
-def training_dataset(ws: Workspace, model_name: str, data_md5: str, git_rev: str):
-    """Describe a DVC data version as an MLflow dataset: its md5 as digest, no rows and no values."""
-    from mlflow.data.meta_dataset import MetaDataset
-
-    source = _dvc_source_class()(repository=ws.root.as_uri(), rev=git_rev, path=ws.data_dir.name,
-                                 remote=dvc_remote_url(ws))
-    return MetaDataset(source, name=f"{model_name}-training-data", digest=data_md5)
-
-
-def log_training_data(ws: Workspace, model_name: str, run_id: str, data_md5: str, git_rev: str) -> None:
-    """Log the DVC data version as the run's input dataset. MLflow skips an input that is already logged."""
-    from mlflow.entities import DatasetInput, InputTag
-
-    dataset = training_dataset(ws, model_name, data_md5, git_rev)
-    client(ws).log_inputs(run_id, datasets=[
-        DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", DATASET_CONTEXT)]),
-    ])
 
 
 def log_json_artifact(ws: Workspace, run_id: str, payload: dict, name: str) -> None:
