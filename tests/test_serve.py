@@ -367,3 +367,12 @@ def test_stop_kills_child_ignoring_sigterm(tmp_path):
 
     assert service.process.returncode == -signal.SIGKILL
     assert time.monotonic() - started < 10
+
+
+def test_tracking_server_replaces_local_mlflow(tmp_path, monkeypatch):
+    from tasks.workspace import Workspace
+
+    monkeypatch.setenv("LETHE_MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    specs = serve_module.service_specs(Workspace(tmp_path / "ws"), REPO_ROOT, 4201, 5001, worker=True, mlflow_workers=1)
+
+    assert [spec.name for spec in specs] == ["Prefect server", "Prefect worker"]
