@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.errors import LetheError
@@ -62,7 +63,8 @@ def setup_logging(verbose: bool) -> None:
 
 
 def fail(exc: LetheError) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
+    # Messages quote values such as file contents and lists, which rich would read as markup.
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(exc.exit_code)
 
 
@@ -280,7 +282,17 @@ def audit_verify(workspace: WorkspaceOption = None) -> None:
     configure_environment(ws)
     try:
         ws.require()
-        report = verify_ledger(ws, open_ledger(ws))
+    except LetheError as exc:
+        fail(exc)
+    try:
+        ledger = open_ledger(ws)
+    except LetheError as exc:
+        # A missing, replaced or unreadable ledger is what an audit exists to catch.
+        err.print(f"[bold red]tampered:[/] {escape(str(exc))}")
+        err.print(f"Verification failed: the ledger of {ws.root} is not the one it was created with.")
+        raise typer.Exit(4) from None
+    try:
+        report = verify_ledger(ws, ledger)
     except LetheError as exc:
         fail(exc)
     if report.ok:

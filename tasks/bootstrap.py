@@ -53,7 +53,9 @@ def create_workspace(ws: Workspace, settings: WorkspaceSettings) -> None:
         "LETHE_SIGNING_KEY or LETHE_SIGNING_KEY_BLOCK and keep the key out of the workspace.", ws.signing_key_file,
     )
     settings.save(ws.root)
-    Ledger(environment.ledger_url or ws.ledger_url).dispose()
+    ledger = Ledger(environment.ledger_url or ws.ledger_url)
+    ws.ledger_id_file.write_text(ledger.assign_id() + "\n")
+    ledger.dispose()
 
 
 def commit_initial_data(ws: Workspace, settings: WorkspaceSettings) -> tuple[int, str, str]:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from tasks import versioning
+from tasks.errors import ConfigurationError, WorkspaceError
 from tasks.hashing import SubjectHasher, load_hasher
 from tasks.ledger import Batch, BatchState, DeletionRequest, Ledger, RequestState, utcnow
 from tasks.settings import EnvironmentSettings, GateSettings, WorkspaceSettings
@@ -30,12 +31,43 @@ def open_context(workspace: str | None, gates: GateSettings | None = None) -> Ru
         settings = settings.model_copy(update={"gates": gates})
     environment = EnvironmentSettings()
     hasher = load_hasher(environment.hmac_key, ws.hmac_key_file)
-    return RunContext(ws, settings, Ledger(environment.ledger_url or ws.ledger_url), hasher)
+    return RunContext(ws, settings, open_ledger(ws), hasher)
 
 
 def open_ledger(ws: Workspace) -> Ledger:
-    """Open the workspace's ledger, or the one LETHE_LEDGER_URL names."""
-    return Ledger(EnvironmentSettings().ledger_url or ws.ledger_url)
+    """Open the ledger LETHE_LEDGER_URL names, else the workspace's, and check it is the workspace's own.
+
+    A workspace records the id of the ledger it was created with. A different or new,
+    empty ledger (LETHE_LEDGER_URL forgotten or pointing elsewhere, a deleted ledger
+    file) is rejected, because erasures recorded there would be missing from the real one.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    configured = EnvironmentSettings().ledger_url
+    url = configured or ws.ledger_url
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        ledger = Ledger(url)
+        actual = ledger.ledger_id()
+    except SQLAlchemyError as exc:
+        reason = str(exc.orig if getattr(exc, "orig", None) else exc).splitlines()[0]
+        raise WorkspaceError(f"The ledger {shown} could not be opened ({reason}). Restore it from a backup, or set "
+                             "LETHE_LEDGER_URL to the workspace's ledger.") from None
+    if not ws.ledger_id_file.exists():
+        # A workspace created before ledgers had ids adopts the ledger it opens now.
+        ws.ledger_id_file.write_text(ledger.assign_id() + "\n")
+        return ledger
+    expected = ws.ledger_id_file.read_text().strip()
+    if actual != expected:
+        ledger.dispose()
+        found = "a new, empty ledger" if actual is None else f"the ledger {actual}"
+        setting = f"LETHE_LEDGER_URL is {shown}" if configured else "LETHE_LEDGER_URL is unset"
+        raise ConfigurationError(
+            f"Workspace {ws.root} was created with the ledger {expected}, but {shown} is {found} ({setting}). "
+            "Set LETHE_LEDGER_URL to the database the workspace was created with, or restore its ledger from a backup."
+        )
+    return ledger
 
 
 def roll_back_batch(ctx: RunContext, batch_id: str, error: BaseException | str) -> None:

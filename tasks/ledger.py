@@ -7,6 +7,7 @@ any SQLAlchemy URL (PostgreSQL in production) otherwise.
 from __future__ import annotations
 
 import enum
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -118,6 +119,18 @@ class Tombstone(Base):
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class LedgerInfo(Base):
+    """Key-value facts about the ledger itself, such as the id a workspace checks on every open."""
+
+    __tablename__ = "ledger_info"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+LEDGER_ID = "ledger_id"
+
+
 # Columns each journal entry snapshots: what an auditor compares with the live rows.
 AUDITED_COLUMNS = {
     "requests": ("subject_hash", "source", "source_ref", "received_at", "deadline", "state", "batch_id",
@@ -187,6 +200,21 @@ class Ledger:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def ledger_id(self) -> str | None:
+        """Return the id that `assign_id` gave this ledger, or None for a ledger that has none yet."""
+        with self.session() as s:
+            info = s.get(LedgerInfo, LEDGER_ID)
+            return info.value if info else None
+
+    def assign_id(self) -> str:
+        """Give the ledger a random id unless it has one, and return the id."""
+        with self.session() as s:
+            info = s.get(LedgerInfo, LEDGER_ID)
+            if info is None:
+                info = LedgerInfo(key=LEDGER_ID, value=uuid.uuid4().hex)
+                s.add(info)
+            return info.value
 
     def pending_requests(self) -> list[DeletionRequest]:
         with self.session() as s:

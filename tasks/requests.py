@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Subject keys of the default dataset (`zper`) are positive integers; 18 digits keep
 # them inside int64.
@@ -60,6 +60,13 @@ class RequestLine(BaseModel):
     def _canonical(cls, value: str) -> str:
         return str(int(value))
 
+    @model_validator(mode="after")
+    def _request_id_hides_subject(self) -> "RequestLine":
+        # The request id is stored and journaled in the ledger for good, so it must not spell out the subject.
+        if re.search(rf"(?<![0-9]){re.escape(self.subject_id)}(?![0-9])", self.request_id):
+            raise ValueError("request_id must not contain the subject_id; use an id that reveals nothing about the subject")
+        return self
+
     @field_validator("received_at", mode="before")
     @classmethod
     def _iso_text_only(cls, value: object) -> object:
@@ -92,6 +99,10 @@ class QuarantinedLine:
     raw: str
 
 
+# pydantic's own messages for these ("Input should be a valid string") do not state the rule.
+RULE_ERRORS = {"string_pattern_mismatch", "string_type", "string_unicode", "string_too_short", "string_too_long"}
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """Summarise pydantic errors by field and rule, leaving the input values out."""
     parts = []
@@ -102,7 +113,7 @@ def describe_validation_error(error: ValidationError) -> str:
             # The field name is input text too, so it is left out of the reason.
             field = "line"
             message = "unexpected field (allowed: request_id, subject_id, received_at, source)"
-        elif item["type"] == "string_pattern_mismatch" and field in FIELD_RULES:
+        elif item["type"] in RULE_ERRORS and field in FIELD_RULES:
             message = FIELD_RULES[field]
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")

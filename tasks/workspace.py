@@ -43,6 +43,11 @@ class Workspace:
         return f"sqlite:///{self.ledger_path}"
 
     @property
+    def ledger_id_file(self) -> Path:
+        """The id of the ledger this workspace was created with, checked whenever a command opens the ledger."""
+        return self.state_dir / "ledger-id"
+
+    @property
     def mlflow_db(self) -> Path:
         return self.state_dir / "mlflow.db"
 

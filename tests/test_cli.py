@@ -90,3 +90,26 @@ def test_lineage_prints_version_one(workspace, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "baseline" in result.output
     assert "ui --backend-store-uri" in result.output
+
+
+def test_other_ledger_rejected(workspace, monkeypatch, tmp_path):
+    monkeypatch.setenv("LETHE_LEDGER_URL", f"sqlite:///{tmp_path / 'other.db'}")
+    result = runner.invoke(app, ["status", "--workspace", str(workspace.root)])
+    assert result.exit_code == 2
+    assert "was created with the ledger" in result.output
+    assert "a new, empty ledger" in result.output
+
+
+def test_deleted_ledger_fails_verify(workspace):
+    workspace.ledger_path.unlink()
+    result = runner.invoke(app, ["audit", "verify", "--workspace", str(workspace.root)])
+    assert result.exit_code == 4
+    assert "a new, empty ledger" in result.output
+
+
+def test_corrupt_ledger_fails_verify(workspace):
+    workspace.ledger_path.write_bytes(b"not a database" * 1000)
+    result = runner.invoke(app, ["audit", "verify", "--workspace", str(workspace.root)])
+    assert result.exit_code == 4
+    assert "could not be opened" in result.output
+    assert "Traceback" not in result.output
