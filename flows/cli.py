@@ -200,7 +200,11 @@ def methods() -> None:
     table.add_row(AUTO, "router", "all: sisa for sisa-mlp, newton for certified, unlearn.approximate for mlp")
     served = {family: family_methods(family) for family in sorted(FAMILY_TYPES)}
     for name in sorted({name for names in served.values() for name in names}):
-        kind = "exact" if is_exact(name) else "certified" if name == "newton" else "approximate"
+        kind = "approximate"
+        if is_exact(name):
+            kind = "exact"
+        elif name == "newton":
+            kind = "certified"
         table.add_row(name, kind, ", ".join(family for family, names in served.items() if name in names))
     console.print(table)
 

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from flows.logs import workspace_log_file
 from tasks import registry
-from tasks.context import RunContext, check_unlearning, open_context, roll_back_batch
+from tasks.context import RunContext, check_champion_family, check_unlearning, open_context, roll_back_batch
 from tasks.faults import checkpoint
 from tasks.finish import batch_summary, finish_batch, seal_ledger
 from tasks.ingest import ingest_task
@@ -69,6 +69,7 @@ def nightly_deletion_run(
     logger = get_run_logger()
     ctx = open_context(workspace, gates)
     check_unlearning(ctx.settings, method)
+    check_champion_family(ctx)
     holder = f"flow-run {flow_run.id or 'local'}"
     with workspace_log_file(ctx.ws.log_file), run_lock(ctx.ledger, holder):
         summary = _run(ctx, open_sources(sources, ctx.ws), method, logger, holder)

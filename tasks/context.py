@@ -105,3 +105,23 @@ def check_unlearning(settings: WorkspaceSettings, method: str | None) -> None:
     validate_settings(settings.unlearn, settings.model.family)
     if method is not None:
         validate_method(method, settings.model.family)
+
+
+def check_champion_family(ctx: RunContext) -> None:
+    """Reject a run whose `model.family` setting differs from the family of the registered champion.
+
+    The router and the method checks follow the setting, so a mismatch would fail only
+    after the purge, or unlearn with the wrong family's methods.
+    """
+    from tasks import registry
+
+    version = registry.champion_version(ctx.ws, ctx.settings.model_name)
+    if version is None:
+        return
+    family = registry.version_tags(ctx.ws, ctx.settings.model_name, version).get("model_family")
+    if family and family != ctx.settings.model.family:
+        raise ConfigurationError(
+            f"lethe.json sets model.family to {ctx.settings.model.family!r}, but the champion (version {version}) is a "
+            f"{family!r} model. Set model.family back to {family!r}; a new family needs a new workspace "
+            f"(`lethe init --family {ctx.settings.model.family}`)."
+        )

@@ -79,6 +79,46 @@ def validate_settings(settings: UnlearnSettings, family: str) -> None:
     unknown = sorted(set(settings.method_settings) - set(METHODS))
     if unknown:
         raise ConfigurationError(f"unlearn.method_settings names unknown methods {unknown}; use method names from `lethe methods`.")
+    for name, overrides in settings.method_settings.items():
+        check_method_settings(name, overrides)
+
+
+def method_defaults() -> dict[str, dict]:
+    """Return the default settings of each method that has settings; `retrain` follows the `train` section."""
+    from models.unlearning import FINETUNE_DEFAULTS, NEGGRAD_PLUS_DEFAULTS, NEWTON_DEFAULTS, SALUN_DEFAULTS, SCRUB_DEFAULTS
+
+    return {"finetune": FINETUNE_DEFAULTS, "neggrad_plus": NEGGRAD_PLUS_DEFAULTS, "scrub": SCRUB_DEFAULTS,
+            "salun": SALUN_DEFAULTS, "newton": NEWTON_DEFAULTS, "retrain": {}, "sisa": {}}
+
+
+def check_method_settings(name: str, overrides: dict) -> None:
+    """Reject an unknown key, or a value whose type differs from the default's, before the run purges anything."""
+    defaults = method_defaults().get(name)
+    if defaults is None:
+        return  # a method registered without known defaults checks its own settings when it runs
+    if not isinstance(overrides, dict):
+        raise ConfigurationError(f"unlearn.method_settings.{name} must be an object of settings, got {type(overrides).__name__}.")
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        valid = ", ".join(sorted(defaults)) or "none (its recipe comes from the train section or the model)"
+        raise ConfigurationError(f"unlearn.method_settings.{name} has unknown settings {unknown}; valid settings: {valid}.")
+    for key, value in overrides.items():
+        if not _same_kind(defaults[key], value):
+            raise ConfigurationError(f"unlearn.method_settings.{name}.{key} is {value!r} ({type(value).__name__}), but it must be "
+                                     f"of type {type(defaults[key]).__name__}, like its default {defaults[key]!r}.")
+
+
+def _same_kind(default, value) -> bool:
+    # bool is an int in Python, but a flag given as 1 or a number given as true is a mistake.
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return default is None or isinstance(value, type(default))
 
 
 def route(champion, requested: str, settings: UnlearnSettings) -> Route:

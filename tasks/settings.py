@@ -89,10 +89,10 @@ class GateSettings(BaseModel):
     (which have forgotten by construction) stayed below 3.0, the largest at 2.78.
     """
 
-    max_retain_drop_pp: float = Field(1.0, title="Max retain accuracy drop (pp)", description="Largest allowed drop of retain accuracy vs the champion, in percentage points.")
-    max_test_drop_pp: float = Field(1.0, title="Max test accuracy drop (pp)", description="Largest allowed drop of test accuracy vs the champion, in percentage points.")
-    max_accuracy_z: float = Field(3.0, title="Max forget accuracy |z|", description="Largest allowed |z| of forget-set accuracy against held-out subjects of the same count.")
-    max_mia_z: float = Field(3.0, title="Max membership-inference |z|", description="Largest allowed |z| of the loss-based membership-inference AUC against held-out subjects of the same count.")
+    max_retain_drop_pp: float = Field(1.0, ge=0, title="Max retain accuracy drop (pp)", description="Largest allowed drop of retain accuracy vs the champion, in percentage points.")
+    max_test_drop_pp: float = Field(1.0, ge=0, title="Max test accuracy drop (pp)", description="Largest allowed drop of test accuracy vs the champion, in percentage points.")
+    max_accuracy_z: float = Field(3.0, ge=0, title="Max forget accuracy |z|", description="Largest allowed |z| of forget-set accuracy against held-out subjects of the same count.")
+    max_mia_z: float = Field(3.0, ge=0, title="Max membership-inference |z|", description="Largest allowed |z| of the loss-based membership-inference AUC against held-out subjects of the same count.")
 
 
 class WorkspaceSettings(BaseModel):

@@ -107,18 +107,20 @@ def unlearn(champion, new_data: pd.DataFrame, forget_rows: pd.DataFrame, setting
     champion_metrics, _ = evaluate(champion, splits, forget, device)
 
     chosen = route(champion, method or settings.unlearn.method, settings.unlearn)
-    log.info("Unlearn: router chose %s (%s)", " then ".join(chosen.plan), chosen.reason)
+    fallback = f", falling back to {chosen.plan[-1]} on a failed gate" if len(chosen.plan) > 1 else ""
+    log.info("Unlearn: router chose %s%s (%s)", chosen.plan[0], fallback, chosen.reason)
     attempts: list[Attempt] = []
     for name in chosen.plan:
-        if forget is None:
-            # Only held-out rows were erased: the champion never trained on them.
+        started = time.perf_counter()
+        if forget is None and name != RETRAIN:
+            # Only held-out rows were erased: the champion never trained on them. A requested
+            # retrain still runs, because early stopping read the validation rows.
             log.info("Unlearn: no training rows among the forget rows; the champion's weights carry over")
             model, record, name = champion, {"method": "carry_over", "steps": 0}, "carry_over"
-            started = time.perf_counter()
         else:
-            started = time.perf_counter()
-            log.info("Unlearn: running %s on %d forget rows, %d retain rows", name, len(forget.split), len(splits["train"]))
-            result = run_method(name, champion, forget.split, splits, settings, device)
+            forget_rows = len(forget.split) if forget is not None else 0
+            log.info("Unlearn: running %s on %d forget rows, %d retain rows", name, forget_rows, len(splits["train"]))
+            result = run_method(name, champion, forget.split if forget is not None else None, splits, settings, device)
             model, record = result.model, asdict(result.record)
         elapsed = time.perf_counter() - started
 

@@ -128,7 +128,8 @@ def test_run_erases_subjects_everywhere(workspace, caplog, capfd):
 def test_failed_gate_registers_retrain(workspace):
     ws = workspace
     write_requests(ws, "gate.jsonl", [request("g-1", s) for s in train_subjects(ws, 2, offset=40)])
-    impossible = GateSettings(max_accuracy_z=-1e9, max_mia_z=-1e9)
+    # |z| <= 0 holds only for z exactly 0, so both forgetting gates fail.
+    impossible = GateSettings(max_accuracy_z=0.0, max_mia_z=0.0)
 
     summary = nightly_deletion_run(workspace=str(ws.root), gates=impossible)
 

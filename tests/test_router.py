@@ -108,6 +108,10 @@ def test_method_outside_family_rejected(toy, champion, requested):
     (UnlearnSettings(fallback="neggrad_plus"), "must be an exact method"),
     (UnlearnSettings(fallback="sisa"), "cannot unlearn from the mlp family"),
     (UnlearnSettings(method_settings={"neggrad_pluss": {}}), "unknown methods"),
+    (UnlearnSettings(method_settings={"neggrad_plus": {"bogus": 1}}), r"unknown settings \['bogus'\]"),
+    (UnlearnSettings(method_settings={"neggrad_plus": {"lr": "x"}}), "neggrad_plus.lr is 'x' .* must be of type float"),
+    (UnlearnSettings(method_settings={"scrub": {"epochs": 2.5}}), "scrub.epochs is 2.5 .* must be of type int"),
+    (UnlearnSettings(method_settings={"sisa": {"n_slices": 2}}), "valid settings: none"),
 ])
 def test_invalid_unlearn_settings_rejected(settings, message):
     with pytest.raises(ConfigurationError, match=message):
@@ -228,7 +232,8 @@ def test_certified_failed_gate_retrains_family(tmp_path):
 
     ws = bootstrap_family(tmp_path, "certified")
     write_requests(ws, "gate.jsonl", [request(f"g-{i}", s) for i, s in enumerate(train_subjects(ws, 2, offset=60))])
-    impossible = GateSettings(max_accuracy_z=-1e9, max_mia_z=-1e9)
+    # |z| <= 0 holds only for z exactly 0, so both forgetting gates fail.
+    impossible = GateSettings(max_accuracy_z=0.0, max_mia_z=0.0)
 
     summary = nightly_deletion_run(workspace=str(ws.root), gates=impossible)
 
@@ -249,3 +254,50 @@ def test_init_rejects_unknown_family(tmp_path, restore_environment):
     assert result.exit_code != 0
     assert "Unknown model family 'forest'" in result.output
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_family_setting_must_match_champion(workspace):
+    from flows.nightly import nightly_deletion_run
+
+    settings = WorkspaceSettings.load(workspace.root)
+    changed = settings.model_copy(update={"model": ModelSettings(family="sisa-mlp")})
+    changed.save(workspace.root)
+    write_requests(workspace, "family.jsonl", [request("f-1", train_subjects(workspace, 1)[0])])
+
+    with pytest.raises(ConfigurationError, match="champion \\(version 1\\) is a 'mlp' model"):
+        nightly_deletion_run(workspace=str(workspace.root))
+
+    assert (workspace.incoming_dir / "family.jsonl").exists(), "nothing was ingested"
+
+
+def test_negative_gate_threshold_rejected(tmp_path):
+    from tasks.errors import WorkspaceError
+
+    (tmp_path / "lethe.json").write_text(json.dumps({"gates": {"max_test_drop_pp": -1}}))
+
+    with pytest.raises(WorkspaceError, match="gates.max_test_drop_pp: Input should be greater than or equal to 0"):
+        WorkspaceSettings.load(tmp_path)
+
+
+def val_subjects(ws, count: int) -> list[int]:
+    from tasks.dataset import SPLIT, SUBJECT_KEY
+    from tasks.shards import read_all
+
+    frame = read_all(ws.data_dir)
+    return frame.loc[frame[SPLIT] == "val", SUBJECT_KEY].drop_duplicates().tolist()[:count]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_heldout_only_erasure_carries_over_unless_retrain(workspace):
+    from flows.nightly import nightly_deletion_run
+
+    first, second = val_subjects(workspace, 2)
+    write_requests(workspace, "val-1.jsonl", [request("v-1", first)])
+    carried = nightly_deletion_run(workspace=str(workspace.root))
+    assert carried["method"] == "carry_over"
+
+    write_requests(workspace, "val-2.jsonl", [request("v-2", second)])
+    retrained = nightly_deletion_run(workspace=str(workspace.root), method="retrain")
+    assert retrained["method"] == "retrain"
+    assert registry.version_tags(workspace, MODEL, retrained["model_version_after"])["method"] == "retrain"
