@@ -35,8 +35,8 @@ FAMILY_TYPES: dict[str, type[nn.Module]] = {"sisa-mlp": SisaEnsemble, "certified
 class FamilyConfig:
     """What a family needs besides the MLP recipe.
 
-    `sisa` holds SisaConfig fields other than the MLP recipe (n_shards, n_slices,
-    epochs_per_slice). `certified` holds CertifiedConfig fields (lam, epsilon, delta,
+    `sisa` contains SisaConfig fields other than the MLP recipe (n_shards, n_slices,
+    epochs_per_slice). `certified` contains CertifiedConfig fields (lam, epsilon, delta,
     noise_std). A family ignores the other's fields.
     """
 

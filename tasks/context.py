@@ -46,13 +46,13 @@ def open_ledger(ws: Workspace) -> Ledger:
 
     configured = EnvironmentSettings().ledger_url
     url = configured or ws.ledger_url
-    shown = make_url(url).render_as_string(hide_password=True)
+    redacted_url = make_url(url).render_as_string(hide_password=True)
     try:
         ledger = Ledger(url)
         actual = ledger.ledger_id()
     except SQLAlchemyError as exc:
         reason = str(exc.orig if getattr(exc, "orig", None) else exc).splitlines()[0]
-        raise WorkspaceError(f"The ledger {shown} could not be opened ({reason}). Restore it from a backup, or set "
+        raise WorkspaceError(f"The ledger {redacted_url} could not be opened ({reason}). Restore it from a backup, or set "
                              "LETHE_LEDGER_URL to the workspace's ledger.") from None
     if not ws.ledger_id_file.exists():
         # A workspace created before ledgers had ids adopts the ledger it opens now.
@@ -62,9 +62,9 @@ def open_ledger(ws: Workspace) -> Ledger:
     if actual != expected:
         ledger.dispose()
         found = "a new, empty ledger" if actual is None else f"the ledger {actual}"
-        setting = f"LETHE_LEDGER_URL is {shown}" if configured else "LETHE_LEDGER_URL is unset"
+        setting = f"LETHE_LEDGER_URL is {redacted_url}" if configured else "LETHE_LEDGER_URL is unset"
         raise ConfigurationError(
-            f"Workspace {ws.root} was created with the ledger {expected}, but {shown} is {found} ({setting}). "
+            f"Workspace {ws.root} was created with the ledger {expected}, but {redacted_url} is {found} ({setting}). "
             "Set LETHE_LEDGER_URL to the database the workspace was created with, or restore its ledger from a backup."
         )
     return ledger

@@ -34,7 +34,7 @@ def train_config(settings: TrainSettings) -> TrainConfig:
 
 
 def family_config(settings: WorkspaceSettings) -> FamilyConfig:
-    """The model family of the workspace; SISA constituents align with its data shards."""
+    """Build the model family of the workspace, with SISA constituents aligned to its data shards."""
     return FamilyConfig(
         name=settings.model.family,
         sisa={"n_shards": settings.data.n_shards, **settings.model.sisa.model_dump()},

@@ -72,7 +72,7 @@ class ModelSettings(BaseModel):
 
 
 class UnlearnSettings(BaseModel):
-    """How the router picks a method, and the exact method that replaces a method that fails a gate."""
+    """Method selection for the router, and the exact method that replaces a method that fails a gate."""
 
     method: str = Field("auto", description="auto (the router picks by model family) or a method name from `lethe methods`.")
     approximate: str = Field("neggrad_plus", description="Approximate method the router tries first on an mlp champion.")

@@ -1,9 +1,9 @@
 """The input dataset of a model version's run: the DVC data version it trained on, without its rows.
 
-MLflow shows a run's input datasets on the run page. Lethe logs a metadata-only dataset
-whose digest is the DVC directory md5 and whose source names the git revision, the data
-path and the DVC remote, so the UI links a model version to its exact data version
-without storing a single record in MLflow.
+MLflow shows a run's input datasets on the run page. Lethe logs a metadata-only dataset:
+its digest is the DVC directory md5, and its source names the git revision, the data path
+and the DVC remote. With it, the UI links a model version to its exact data version,
+while MLflow stores no record of the data.
 """
 
 from __future__ import annotations

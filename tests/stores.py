@@ -55,8 +55,8 @@ def postgres_database(prefix: str) -> Iterator[str]:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is not reachable ({exc}). The production-mode tests need "
-                    "it: start the server or run them where CI provides it.", pytrace=False)
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is not reachable ({exc}). These tests need it: "
+                    "start the server or run them where CI provides it.", pytrace=False)
     try:
         yield name
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from tasks.errors import ConfigurationError
 from tasks.remote_store import S3Remote
 from tasks.workspace import Workspace
 from tests.helpers import files_under, raw_id_hits, request, subjects_in_objects, train_subjects, write_requests
+from tests.stores import moto_server
 
 PREFIX = "lethe"
 
@@ -28,14 +28,8 @@ PREFIX = "lethe"
 @pytest.fixture(scope="module")
 def moto_endpoint():
     """One moto server over HTTP on 127.0.0.1 for this module; tests isolate by bucket name."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

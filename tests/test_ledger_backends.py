@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,9 +29,9 @@ from tasks.ledger import (Base, Batch, BatchState, DeletionRequest, Ledger, Quar
                           utcnow)
 from tasks.lock import RunLock, acquire, release, run_lock
 from tasks.status import near_deadline, open_requests, recently_completed
+from tests import stores
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 BACKENDS = ["sqlite", "postgresql"]
 HASHER = SubjectHasher(b"ledger-backend-test-key-0123456789")
@@ -54,21 +53,8 @@ time.sleep(600)
 @pytest.fixture(scope="session")
 def postgres_database():
     """Create a uniquely named PostgreSQL database for this session and drop it at the end."""
-    import psycopg
-    from psycopg import sql
-
-    name = f"lethe_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is not reachable ({exc}). The PostgreSQL ledger tests need "
-                    "it: start the server or run them where CI provides it.", pytrace=False)
-    try:
+    with stores.postgres_database("lethe_test") as name:
         yield name
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def empty_postgres_url(name: str, query: str = "") -> str:

@@ -13,6 +13,7 @@ from tasks.hashing import SubjectHasher
 from tasks.sources import (SourceSpecError, acknowledge_sources, open_sources, parse_spec, read_sources,
                            validate_specs)
 from tasks.workspace import Workspace
+from tests import stores
 from tests.helpers import request, train_subjects
 
 HASHER = SubjectHasher(b"k" * 32)
@@ -24,14 +25,8 @@ INVALID_SUBJECT_LINE = json.dumps({"request_id": "bad-1", "subject_id": "98765x"
 @pytest.fixture(scope="session")
 def moto_server():
     """One moto server over HTTP on 127.0.0.1 for the whole session; tests isolate by unique names."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with stores.moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
